@@ -1,0 +1,116 @@
+"""One entry point for every backbone family (InternImage, timm ConvNeXt V1/V2, any timm model).
+
+``create_backbone(name, **kwargs)`` takes the same keys for every family, so configs and the engine never branch on
+the model family:
+* ``num_classes``, ``drop_rate``, ``drop_path_rate``, ``in_chans``, ``features_only``, ``out_indices`` (timm keys);
+* ``grad_checkpointing`` (bool) and ``grad_checkpointing_every`` (checkpoint every k-th block), or the official
+  InternImage ``with_cp`` (same as ``grad_checkpointing=True``);
+* ``checkpoint_path`` (+ ``head_index`` for 21841 -> 1000 heads), loaded by :func:`load_checkpoint`;
+* any other key goes to the model constructor (e.g. InternImage ``core_op``, ``layer_scale``; ConvNeXt
+  ``ls_init_value``, ``use_grn``).
+Layer-wise lr decay is generic through ``group_matcher`` (see :func:`layer_decay_param_groups`).
+
+ConvNeXt V1/V2 come from timm unchanged; only their blocks' ``forward`` is wrapped (instance attribute, no key
+change) for per-block, every-k-th checkpointing with the same semantics as InternImage's.
+"""
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Collection, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from pretrain.models.checkpoint import LoadReport, load_checkpoint
+
+__all__ = ['create_backbone', 'set_grad_checkpointing', 'checkpointable_blocks', 'layer_decay_param_groups']
+
+
+def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks activation checkpointing wraps, in forward order.
+
+    InternImage: ``levels[i].blocks[j]``; timm stage models (ConvNeXt V1/V2 ...): ``stages[i].blocks[j]``.
+    """
+    model = getattr(model, 'model', model)  # timm features_only wrappers hold the model as .model
+    if hasattr(model, 'levels'):
+        return [blk for level in model.levels for blk in level.blocks]
+    if hasattr(model, 'stages'):
+        return [blk for stage in model.stages for blk in getattr(stage, 'blocks', [])]
+    raise TypeError(f'{type(model).__name__} has neither .levels nor .stages; cannot find its blocks')
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    # Bound per instance by set_grad_checkpointing; runs the class forward under non-reentrant checkpointing.
+    if torch.is_grad_enabled() and not torch.jit.is_scripting():
+        return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+    return type(self).forward(self, *args, **kwargs)
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool = True, every: int = 1) -> None:
+    """Per-block non-reentrant activation checkpointing of every ``every``-th block (block index ``% every == 0``).
+
+    Works for InternImage (its own flag) and timm stage models such as ConvNeXt V1/V2 (a per-instance ``forward``
+    wrapper; the timm stage-level flag is switched off so blocks are never checkpointed twice).
+    """
+    if every < 1:
+        raise ValueError(f'every must be >= 1, got {every}')
+    inner = getattr(model, 'model', model)
+    if hasattr(inner, 'levels') and hasattr(inner, 'set_grad_checkpointing'):
+        inner.set_grad_checkpointing(enable, every=every)
+        return
+    for stage in getattr(inner, 'stages', []):
+        if hasattr(stage, 'grad_checkpointing'):
+            stage.grad_checkpointing = False
+    for i, blk in enumerate(checkpointable_blocks(inner)):
+        if enable and i % every == 0:
+            blk.forward = types.MethodType(_checkpointed_forward, blk)
+        else:
+            blk.__dict__.pop('forward', None)
+
+
+def create_backbone(
+        name: str,
+        pretrained: bool = False,
+        checkpoint_path: str | os.PathLike | None = None,
+        head_index: str | os.PathLike | Sequence[int] | None = None,
+        grad_checkpointing: bool = False,
+        grad_checkpointing_every: int = 1,
+        **kwargs,
+) -> nn.Module:
+    """Build a registered model by timm name (``internimage_t`` ... ``internimage_g``, ``convnext_tiny``,
+    ``convnextv2_base`` ...) with the shared config keys described in the module docstring.
+
+    The returned model has ``.load_report`` (a :class:`LoadReport`) when ``checkpoint_path`` was given.
+    """
+    if kwargs.pop('with_cp', False):
+        grad_checkpointing = True
+    if not timm.is_model(name):
+        raise ValueError(f'unknown model {name!r}; InternImage names: {timm.list_models("internimage*")}')
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    report: LoadReport | None = None
+    if checkpoint_path is not None:
+        report = load_checkpoint(model, checkpoint_path, head_index=head_index)
+    set_grad_checkpointing(model, grad_checkpointing, every=grad_checkpointing_every)
+    if report is not None:
+        model.load_report = report
+    return model
+
+
+def layer_decay_param_groups(
+        model: nn.Module,
+        weight_decay: float = 0.05,
+        layer_decay: float = 0.9,
+        no_weight_decay_list: Collection[str] = (),
+) -> list[dict]:
+    """Optimizer parameter groups with layer-wise lr decay (``lr_scale`` per group) from ``model.group_matcher``.
+
+    Same for every family: stem first, blocks in forward order, head last (scale 1.0). 1-D parameters and biases
+    get no weight decay.
+    """
+    from timm.optim import param_groups_layer_decay
+
+    return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
+                                    no_weight_decay_list=no_weight_decay_list)
