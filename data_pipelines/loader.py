@@ -1,0 +1,491 @@
+"""An exactly resumable WebDataset loader on torchdata's ``StatefulDataLoader``.
+
+The pipeline, per data-loader worker, is a composition of small stages::
+
+    shard plan (epoch: sample ranges per rank/worker | resampled: weighted shard draws)
+      -> interleave up to ``interleave_shards`` open shards (seeded pick)     [tario.iter_tar_samples]
+      -> select image / caption / label / metadata                            [_select_fields]
+      -> metadata filters                                                     [filters]
+      -> decode + transform (fast JPEG path, seeded per sample)               [transforms]
+      -> tokenize caption                                                     [text]
+
+No stage buffers samples, so the whole position is the plan position, the open shards' (url, samples consumed)
+and one RNG state; that is what the worker iterator's ``state_dict`` holds, and StatefulDataLoader collects it
+from every worker after every batch. Augmentation randomness is re-seeded per sample from
+(seed, epoch, rank, worker, sample index), so resumed batches are identical tensor for tensor.
+
+Bad samples raise ``SkipSample`` in a stage; :meth:`_WorkerIterator.__next__` is the one place that catches it,
+counts it per reason and logs shard + key (``errors.SkipCounter``). ``loader.skip_counts()`` sums the counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data_pipelines.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from data_pipelines.errors import (
+    BAD_LABEL,
+    BAD_METADATA,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    SkipCounter,
+    SkipSample,
+)
+from data_pipelines.filters import SampleFilter
+from data_pipelines.manifest import manifest_sample_counts
+from data_pipelines.tario import count_tar_samples, expand_urls, iter_tar_samples
+from data_pipelines.text import build_tokenizer, clean_caption
+
+log = logging.getLogger("data_pipelines")
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+_ITER_STATE_MARK = "__data_pipelines_iterator__"
+STATE_VERSION = 1
+
+
+@dataclass
+class SourceSpec:
+    """A named data source: shard URLs and a mixture weight.
+
+    ``urls``: a brace pattern (``/data/cc12m/cc12m-{000000..002175}.tar``), ``::``-joined patterns, or a list;
+    local paths, ``file:`` or ``pipe:COMMAND`` (object stores). ``weight``: relative share of samples drawn from
+    this source in resampled mode; None means "by size" (its sample count from the manifest, else its shard
+    count times the mean samples per shard). Epoch mode reads every sample of every source once and ignores it.
+    """
+
+    name: str
+    urls: str | list[str]
+    weight: float | None = None
+    image_extensions: Sequence[str] = IMAGE_EXTENSIONS
+
+
+@dataclass
+class _Shard:
+    url: str
+    samples: int | None
+    source: int
+
+
+@dataclass
+class _Slot:
+    """One open shard segment: samples [start, stop) of ``url``; ``consumed`` of them already read."""
+
+    url: str
+    source: int
+    start: int
+    stop: int | None
+    consumed: int = 0
+    reader: Iterator[dict] | None = field(default=None, repr=False)
+
+    def open(self) -> Iterator[dict]:
+        if self.reader is None:
+            remaining = None if self.stop is None else self.stop - self.start - self.consumed
+            self.reader = iter_tar_samples(self.url, skip_samples=self.start + self.consumed, max_samples=remaining)
+        return self.reader
+
+
+def _stable_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts``, identical in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def resolve_shards(sources: Sequence[SourceSpec], *, need_counts: bool) -> list[_Shard]:
+    """Expand every source's URLs; attach sample counts from manifests (or, if ``need_counts``, by reading tar
+    headers of shards without one)."""
+    shards: list[_Shard] = []
+    for i, source in enumerate(sources):
+        urls = expand_urls(source.urls)
+        if not urls:
+            raise ValueError(f"source {source.name!r}: no shard URLs in {source.urls!r}")
+        counts = manifest_sample_counts(urls)
+        for url in urls:
+            n = counts.get(url)
+            if n is None and need_counts:
+                n = count_tar_samples(url)
+            shards.append(_Shard(url, n, i))
+    return shards
+
+
+def epoch_plan(shards: Sequence[_Shard], *, seed: int, epoch: int, rank: int, world_size: int, worker_id: int,
+               num_workers: int, batch_size: int, drop_last: bool) -> list[tuple[str, int, int, int]]:
+    """The segments (url, start, stop, source) that one worker reads in epoch mode.
+
+    All ranks shuffle the shard order identically from (seed, epoch), lay the samples end to end and cut them into
+    ``world_size`` contiguous ranges (sizes differ by at most one; with ``drop_last`` every rank gets the same
+    whole number of batches and the remainder, a different one each epoch, is left out). Each rank's range is dealt
+    to its workers in whole batches, so at most one worker per rank ends with a partial batch.
+    """
+    global_workers = world_size * num_workers
+    if len(shards) < global_workers:
+        raise ValueError(f"epoch mode needs at least one shard per data-loader worker: {len(shards)} shards for "
+                         f"{world_size} ranks x {num_workers} workers; write smaller shards (--samples-per-shard) "
+                         f"or use fewer workers or the resampled mode")
+    order = list(range(len(shards)))
+    random.Random(_stable_seed("shard-order", seed, epoch)).shuffle(order)
+    ordered = [shards[i] for i in order]
+    total = sum(s.samples for s in ordered)
+    if drop_last:
+        per_rank = (total // world_size // batch_size) * batch_size
+        rank_start, rank_stop = rank * per_rank, (rank + 1) * per_rank
+    else:
+        rank_start, rank_stop = rank * total // world_size, (rank + 1) * total // world_size
+    n_rank = rank_stop - rank_start
+    full_batches, remainder = divmod(n_rank, batch_size)
+    sizes = [(full_batches // num_workers + (w < full_batches % num_workers)) * batch_size
+             for w in range(num_workers)]
+    sizes[full_batches % num_workers] += remainder
+    start = rank_start + sum(sizes[:worker_id])
+    stop = start + sizes[worker_id]
+    plan = []
+    offset = 0
+    for shard in ordered:
+        lo, hi = max(start - offset, 0), min(stop - offset, shard.samples)
+        if lo < hi:
+            plan.append((shard.url, lo, hi, shard.source))
+        offset += shard.samples
+    return plan
+
+
+class WebDatasetStream(IterableDataset):
+    """Iterable dataset over WebDataset shards; ``iter()`` gives a resumable :class:`_WorkerIterator`.
+
+    Samples are dicts ``{"image": Tensor[3,H,W], "label": int (-1 if absent), "key": str, "source": str,
+    "text": LongTensor[77] (only with a tokenizer)}``.
+    """
+
+    def __init__(self, sources: Sequence[SourceSpec], *, mode: str, seed: int, rank: int, world_size: int,
+                 batch_size: int, transform: Callable, tokenizer: Callable | None = None,
+                 caption_required: bool | None = None, filters: Sequence[SampleFilter] = (), epoch: int = 0,
+                 drop_last: bool = False, interleave_shards: int = 4, samples_per_epoch: int | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        if mode not in ("epoch", "resampled"):
+            raise ValueError(f"mode must be 'epoch' or 'resampled', not {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if interleave_shards < 1:
+            raise ValueError("interleave_shards must be >= 1")
+        self.sources = list(sources)
+        self.mode = mode
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = batch_size
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.caption_required = tokenizer is not None if caption_required is None else caption_required
+        self.filters = list(filters)
+        self.epoch = epoch
+        self.drop_last = drop_last
+        self.interleave_shards = interleave_shards
+        self.samples_per_epoch = samples_per_epoch
+        self.max_image_pixels = max_image_pixels
+        self.shards = resolve_shards(self.sources, need_counts=(mode == "epoch"))
+        self.shard_weights = self._shard_weights()
+        self.fingerprint = _stable_seed([(s.url, s.samples) for s in self.shards])
+
+    def _shard_weights(self) -> list[float]:
+        """Per-shard draw weight in resampled mode: each source's weight spread over its shards by size."""
+        known = [s.samples for s in self.shards if s.samples is not None]
+        mean_samples = sum(known) / len(known) if known else 1.0
+        sizes = [s.samples if s.samples is not None else mean_samples for s in self.shards]
+        source_sizes = [0.0] * len(self.sources)
+        for shard, size in zip(self.shards, sizes):
+            source_sizes[shard.source] += size
+        weights = []
+        for shard, size in zip(self.shards, sizes):
+            spec_weight = self.sources[shard.source].weight
+            source_weight = source_sizes[shard.source] if spec_weight is None else spec_weight
+            weights.append(source_weight * size / source_sizes[shard.source] if source_sizes[shard.source] else 0.0)
+        if not any(w > 0 for w in weights):
+            raise ValueError("all source weights are zero")
+        return weights
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (shard order in epoch mode, shard draws in resampled mode) of the next ``iter()``."""
+        self.epoch = epoch
+
+    def __iter__(self) -> _WorkerIterator:
+        info = get_worker_info()
+        worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return _WorkerIterator(self, worker_id, num_workers)
+
+
+class _WorkerIterator:
+    """The per-worker sample stream; ``state_dict``/``load_state_dict`` make it exactly resumable."""
+
+    def __init__(self, ds: WebDatasetStream, worker_id: int, num_workers: int):
+        self.ds = ds
+        self.worker_id = worker_id
+        self.num_workers = num_workers
+        self.epoch = ds.epoch
+        self.skips = SkipCounter()
+        self._reset()
+
+    def _reset(self) -> None:
+        ds = self.ds
+        self.rng = random.Random(_stable_seed("worker", ds.seed, self.epoch, ds.rank, self.worker_id))
+        self.plan: list[tuple[str, int, int, int]] | None = None  # epoch mode only; built lazily
+        self.next_segment = 0
+        self.slots: list[_Slot] = []
+        self.n_processed = 0  # samples read from tars (good or bad), also the augmentation seed counter
+        self.n_yielded = 0
+        self.limit = None
+        if ds.mode == "resampled" and ds.samples_per_epoch is not None:
+            per_worker = -(-ds.samples_per_epoch // (ds.world_size * self.num_workers))
+            self.limit = -(-per_worker // ds.batch_size) * ds.batch_size
+
+    # ---- stage: shard plan -------------------------------------------------------------------------------------
+    def _fill_slots(self) -> None:
+        ds = self.ds
+        if ds.mode == "epoch":
+            if self.plan is None:
+                self.plan = epoch_plan(ds.shards, seed=ds.seed, epoch=self.epoch, rank=ds.rank,
+                                       world_size=ds.world_size, worker_id=self.worker_id,
+                                       num_workers=self.num_workers, batch_size=ds.batch_size,
+                                       drop_last=ds.drop_last)
+            while len(self.slots) < ds.interleave_shards and self.next_segment < len(self.plan):
+                url, start, stop, source = self.plan[self.next_segment]
+                self.slots.append(_Slot(url, source, start, stop))
+                self.next_segment += 1
+        else:
+            while len(self.slots) < ds.interleave_shards:
+                (index,) = self.rng.choices(range(len(ds.shards)), weights=ds.shard_weights)
+                shard = ds.shards[index]
+                self.slots.append(_Slot(shard.url, shard.source, 0, None))
+                self.next_segment += 1
+
+    # ---- the pipeline driver: the one place that handles bad samples -------------------------------------------
+    def __iter__(self) -> _WorkerIterator:
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            if self.limit is not None and self.n_yielded >= self.limit:
+                raise StopIteration
+            self._fill_slots()
+            if not self.slots:
+                raise StopIteration
+            slot = self.slots[self.rng.randrange(len(self.slots))]
+            key = None
+            try:
+                raw = next(slot.open())
+            except StopIteration:
+                self.slots.remove(slot)
+                continue
+            except SkipSample as e:  # unreadable or truncated shard: its good samples were already delivered
+                self.slots.remove(slot)
+                self.skips.skip(e, shard=slot.url, key=None)
+                continue
+            slot.consumed += 1
+            self.n_processed += 1
+            key = raw["__key__"]
+            try:
+                sample = self._process(raw, slot)
+            except SkipSample as e:
+                self.skips.skip(e, shard=slot.url, key=key)
+                continue
+            self.n_yielded += 1
+            return sample
+
+    # ---- stages: select -> filter -> decode/transform -> tokenize ----------------------------------------------
+    def _process(self, raw: dict, slot: _Slot) -> dict:
+        ds = self.ds
+        source = ds.sources[slot.source]
+        fields = _select_fields(raw, source.image_extensions)
+        if fields["caption"] is None and ds.caption_required:
+            raise SkipSample(MISSING_CAPTION)
+        for sample_filter in ds.filters:
+            sample_filter(fields)
+        aug_seed = _stable_seed("aug", ds.seed, self.epoch, ds.rank, self.worker_id, self.n_processed)
+        with _seeded_rngs(aug_seed):
+            image = _apply_transform(ds.transform, fields["image"], ds.max_image_pixels)
+        sample = {"image": image, "label": fields["label"], "key": raw["__key__"], "source": source.name}
+        if ds.tokenizer is not None:
+            sample["text"] = ds.tokenizer(fields["caption"] or "")
+        return sample
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        ds = self.ds
+        return {
+            _ITER_STATE_MARK: STATE_VERSION,
+            "mode": ds.mode, "seed": ds.seed, "rank": ds.rank, "world_size": ds.world_size,
+            "worker_id": self.worker_id, "num_workers": self.num_workers, "fingerprint": ds.fingerprint,
+            "epoch": self.epoch,
+            "next_segment": self.next_segment,
+            "slots": [(s.url, s.source, s.start, s.stop, s.consumed) for s in self.slots],
+            "rng": self.rng.getstate(),
+            "n_processed": self.n_processed,
+            "n_yielded": self.n_yielded,
+            "skips": self.skips.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        ds = self.ds
+        if state.get(_ITER_STATE_MARK) != STATE_VERSION:
+            raise ValueError("not a data_pipelines loader state (or from another version)")
+        expected = {"mode": ds.mode, "seed": ds.seed, "rank": ds.rank, "world_size": ds.world_size,
+                    "worker_id": self.worker_id, "num_workers": self.num_workers, "fingerprint": ds.fingerprint}
+        mismatched = {k: (state[k], v) for k, v in expected.items() if state[k] != v}
+        if mismatched:
+            raise ValueError(f"cannot resume the data loader exactly: saved vs current differ in {mismatched} "
+                             f"(resume needs the same sources, seed, ranks and workers)")
+        for slot in self.slots:
+            if slot.reader is not None:
+                slot.reader.close()
+        self.epoch = state["epoch"]
+        self._reset()
+        self.next_segment = state["next_segment"]
+        self.slots = [_Slot(url, source, start, stop, consumed) for url, source, start, stop, consumed
+                      in state["slots"]]
+        self.rng.setstate(state["rng"])
+        self.n_processed = state["n_processed"]
+        self.n_yielded = state["n_yielded"]
+        self.skips.load_state_dict(state["skips"])
+
+
+def _select_fields(raw: dict, image_extensions: Sequence[str]) -> dict:
+    """Stage: pick the image bytes, cleaned caption, label and JSON metadata out of a raw tar sample."""
+    image = next((raw[ext] for ext in image_extensions if ext in raw), None)
+    if image is None:
+        raise SkipSample(MISSING_IMAGE, f"extensions present: {sorted(k for k in raw if not k.startswith('__'))}")
+    caption = clean_caption(raw["txt"]) if "txt" in raw else None
+    label = -1
+    if "cls" in raw:
+        try:
+            label = int(raw["cls"].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise SkipSample(BAD_LABEL, repr(raw["cls"][:20])) from e
+    meta = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except (UnicodeDecodeError, ValueError) as e:
+            raise SkipSample(BAD_METADATA, str(e)) from e
+    return {"image": image, "caption": caption or None, "label": label, "meta": meta}
+
+
+def _apply_transform(transform: Callable, data: bytes, max_image_pixels: int) -> torch.Tensor:
+    """Stage: bytes -> tensor, through the transform's fused ``from_encoded`` fast path when it has one."""
+    if hasattr(transform, "from_encoded"):
+        return transform.from_encoded(data)
+    return transform(decode_image(data, max_image_pixels=max_image_pixels))
+
+
+class _seeded_rngs:
+    """Seed Python, NumPy and torch RNGs for one sample's augmentation and restore them afterwards (the loader
+    may run in the trainer's own process when num_workers=0)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.saved = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+        random.seed(self.seed)
+        np.random.seed(self.seed % (1 << 32))
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc) -> None:
+        random.setstate(self.saved[0])
+        np.random.set_state(self.saved[1])
+        torch.random.set_rng_state(self.saved[2])
+
+
+def _iterator_states(state: object) -> Iterator[dict]:
+    """Find every worker iterator state nested anywhere in a StatefulDataLoader state dict."""
+    if isinstance(state, dict):
+        if _ITER_STATE_MARK in state:
+            yield state
+            return
+        for value in state.values():
+            yield from _iterator_states(value)
+    elif isinstance(state, list | tuple):
+        for value in state:
+            yield from _iterator_states(value)
+
+
+class WebDatasetLoader(StatefulDataLoader):
+    """StatefulDataLoader over a :class:`WebDatasetStream` with ``set_epoch``, ``skip_counts`` and a resume check."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch for the next ``iter(loader)`` (workers are not persistent, so they pick it up)."""
+        self.dataset.set_epoch(epoch)
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped samples per reason in the current pass, over all workers, as of the last batch yielded."""
+        total: dict[str, int] = {}
+        for iterator_state in _iterator_states(super().state_dict()):
+            for reason, n in iterator_state["skips"].items():
+                total[reason] = total.get(reason, 0) + n
+        return dict(sorted(total.items()))
+
+    def state_dict(self) -> dict:
+        """The loader position: torchdata's state plus what must match on resume."""
+        ds = self.dataset
+        return {"stateful_dataloader": super().state_dict(),
+                "data_pipelines": {"version": STATE_VERSION, "epoch": ds.epoch, "num_workers": self.num_workers,
+                                   "rank": ds.rank, "world_size": ds.world_size, "seed": ds.seed,
+                                   "mode": ds.mode, "fingerprint": ds.fingerprint}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by :meth:`state_dict`; raises ValueError if it cannot continue exactly."""
+        ds = self.dataset
+        saved = state["data_pipelines"]
+        current = {"version": STATE_VERSION, "num_workers": self.num_workers, "rank": ds.rank,
+                   "world_size": ds.world_size, "seed": ds.seed, "mode": ds.mode, "fingerprint": ds.fingerprint}
+        mismatched = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        if mismatched:
+            raise ValueError(f"cannot resume the data loader exactly; saved vs current: {mismatched} "
+                             f"(keep the sources, seed, mode, ranks and num_workers of the saved run)")
+        ds.set_epoch(saved["epoch"])
+        super().load_state_dict(state["stateful_dataloader"])
+
+
+def build_loader(sources: Sequence[SourceSpec] | SourceSpec, *, batch_size: int, num_workers: int, mode: str = "epoch",
+                 seed: int = 0, rank: int = 0, world_size: int = 1, transform: Callable,
+                 tokenizer: Callable | str | None = None, epoch: int = 0, caption_required: bool | None = None,
+                 filters: Sequence[SampleFilter] = (), drop_last: bool = False, interleave_shards: int = 4,
+                 samples_per_epoch: int | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 pin_memory: bool = False, prefetch_factor: int | None = None) -> WebDatasetLoader:
+    """Build the training/eval loader.
+
+    In: ``sources`` (SourceSpec or a list); ``mode`` "epoch" (every sample once per epoch over all ranks and
+    workers; ``drop_last`` gives every rank the same number of full batches) or "resampled" (infinite weighted
+    shard draws, or ``samples_per_epoch`` over all ranks); ``transform`` maps an image (PIL, or bytes through its
+    ``from_encoded``) to Tensor[3,H,W]; ``tokenizer`` an open_clip model name or a callable str -> LongTensor[77];
+    captions are required when a tokenizer is given (unless ``caption_required=False``).
+
+    Out: a :class:`WebDatasetLoader` (a ``StatefulDataLoader``) yielding dicts ``image`` float [B,3,H,W],
+    ``label`` long [B] (-1 where absent), ``key`` list[str], ``source`` list[str], ``text`` long [B,77] with a
+    tokenizer. ``state_dict()`` / ``load_state_dict()`` resume exactly; ``skip_counts()`` reports bad samples.
+    """
+    if isinstance(sources, SourceSpec):
+        sources = [sources]
+    if isinstance(tokenizer, str):
+        tokenizer = build_tokenizer(tokenizer)
+    dataset = WebDatasetStream(sources, mode=mode, seed=seed, rank=rank, world_size=world_size,
+                               batch_size=batch_size, transform=transform, tokenizer=tokenizer,
+                               caption_required=caption_required, filters=filters, epoch=epoch,
+                               drop_last=drop_last, interleave_shards=interleave_shards,
+                               samples_per_epoch=samples_per_epoch, max_image_pixels=max_image_pixels)
+    if mode == "epoch":  # fail now, in the main process, rather than inside a worker
+        epoch_plan(dataset.shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker_id=0,
+                   num_workers=max(num_workers, 1), batch_size=batch_size, drop_last=drop_last)
+    kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
+    # Non-persistent workers: each pass gets a fresh copy of the dataset (epoch) and no memory creeps across
+    # epochs (webdataset#365); every batch carries its worker's state (snapshot_every_n_steps=1) for exactness.
+    return WebDatasetLoader(dataset, batch_size=batch_size, num_workers=num_workers, persistent_workers=False,
+                            pin_memory=pin_memory, drop_last=False, snapshot_every_n_steps=1,
+                            generator=torch.Generator().manual_seed(_stable_seed("loader", seed, rank)),
+                            **kwargs)
