@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,8 @@ log = logging.getLogger("data_pipelines")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 _ITER_STATE_MARK = "__data_pipelines_iterator__"
 STATE_VERSION = 1
+# torchdata 0.11 calls a deprecated torch API on every iter(); the warning is noise for our users.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 @dataclass
