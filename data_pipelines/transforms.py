@@ -88,10 +88,9 @@ class TrainTransform:
                                     min_width=math.ceil(width * self.img_size / crop_w),
                                     max_image_pixels=self.max_image_pixels)
         scale_y, scale_x = pixels.shape[0] / height, pixels.shape[1] / width
-        y0, x0 = int(top * scale_y), int(left * scale_x)
-        y1 = max(y0 + 1, min(pixels.shape[0], round((top + crop_h) * scale_y)))
-        x1 = max(x0 + 1, min(pixels.shape[1], round((left + crop_w) * scale_x)))
-        img = Image.fromarray(pixels[y0:y1, x0:x1]).resize((self.img_size, self.img_size), self.interpolation)
+        # A fractional box keeps the crop exactly where the full-size decode would put it.
+        box = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
+        img = Image.fromarray(pixels).resize((self.img_size, self.img_size), self.interpolation, box=box)
         return self.after_crop(img)
 
 
