@@ -16,6 +16,7 @@ Beyond the official model (nothing here changes keys or numerics):
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -495,19 +496,33 @@ class InternImage(nn.Module):
         return set()
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Regexes giving the blocks in forward order (timm layer-wise lr decay / parameter groups).
+    def group_matcher(self, coarse: bool = False):
+        """Parameter groups in forward order, for timm's layer-wise lr decay / parameter grouping.
 
-        ``patch_embed`` is the first group; each block ``levels.i.blocks.j`` its own group in order; the level norm,
-        level-2 post norms and the downsample of level i follow its last block; heads go last (unmatched).
+        ``coarse``: stem, one group per level, then the head. Fine (a callable, as timm's ``group_with_matcher``
+        accepts): the official ``lr_decay_keywords`` mapping, so ``timm.optim.param_groups_layer_decay`` gives the
+        official scales: one group per block ``levels.i.blocks.j`` in order; ``patch_embed`` shares the group of
+        ``levels.0.blocks.0``; ``levels.i.downsample`` / ``levels.i.norm`` (i < last) share the group of the first
+        block of level i+1; everything else (last level norm, level-2 post norms, heads) shares the group of the
+        last block (lr scale 1.0).
         """
-        return dict(
-            stem=r'^patch_embed',
-            blocks=r'^levels\.(\d+)' if coarse else [
-                (r'^levels\.(\d+)\.blocks\.(\d+)\.', None),
-                (r'^levels\.(\d+)\.(?:norm|post_norms|downsample)\.', (99999,)),
-            ],
-        )
+        if coarse:
+            return dict(stem=r'^patch_embed', blocks=r'^levels\.(\d+)')
+        last = (len(self.levels) - 1, len(self.levels[-1].blocks) - 1)
+        num_levels = len(self.levels)
+
+        def ordinal(name: str) -> tuple[int, int]:
+            if name.startswith('patch_embed.'):
+                return 0, 0
+            m = re.match(r'levels\.(\d+)\.blocks\.(\d+)\.', name)
+            if m:
+                return int(m[1]), int(m[2])
+            m = re.match(r'levels\.(\d+)\.(?:downsample|norm)\.', name)
+            if m and int(m[1]) < num_levels - 1:
+                return int(m[1]) + 1, 0
+            return last
+
+        return ordinal
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
@@ -570,7 +585,7 @@ class InternImage(nn.Module):
         return self._head_features(self._levels_forward(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """NCHW map from ``forward_features`` -> logits ``(B, num_classes)`` (``(B, head_hidden_size)`` if pre_logits)."""
+        """NCHW map from ``forward_features`` -> ``(B, num_classes)``; ``(B, head_hidden_size)`` if pre_logits."""
         if not self.use_clip_projector:
             x = torch.flatten(self.avgpool(x), 1)
         else:

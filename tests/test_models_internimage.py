@@ -1,0 +1,382 @@
+"""InternImage: official keys/shapes/counts for every size, forward semantics, init, timm interface, checkpointing."""
+from __future__ import annotations
+
+import ast
+import math
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import pretrain.models as pm
+from pretrain.models import InternImage
+from pretrain.models.internimage import InternImageLayer
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC_KEYS = REPO.parent / 'shared' / 'spec' / 'internimage_state_dict_keys'
+REAL_IMAGES = REPO.parent / 'shared' / 'data' / 'real' / 'imagenet-1k-samples'
+# 'DCNv3' -> backend 'auto' (fused kernel when built); set TEST_DCN_CORE_OP=DCNv3_pytorch to force the reference.
+CORE_OP = os.environ.get('TEST_DCN_CORE_OP', 'DCNv3')
+
+SIZES = {  # name: (tsv suffix, official parameter count with 1000 classes)
+    'internimage_t': ('T', 29_918_424),
+    'internimage_s': ('S', 50_079_880),
+    'internimage_b': ('B', 97_461_832),
+    'internimage_l': ('L', 223_334_810),
+    'internimage_xl': ('XL', 334_819_780),
+    'internimage_h': ('H', 1_089_636_760),
+    'internimage_g': ('G', 3_076_373_352),
+}
+
+TINY = dict(core_op=CORE_OP, channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8), num_classes=10,
+            drop_path_rate=0.0)
+VARIANTS = {  # the norm-placement / head variants of the official sizes, at tiny width
+    'T_prenorm': dict(),
+    'SBLXL_postnorm_layerscale': dict(layer_scale=1e-5, post_norm=True, offset_scale=2.0),
+    'prenorm_layerscale': dict(layer_scale=0.5),
+    'H_resPostNorm_clip': dict(dw_kernel_size=5, res_post_norm=True, level2_post_norm=True,
+                               level2_post_norm_block_ids=(1,), center_feature_scale=True, use_clip_projector=True),
+    'G_postnorm_clip': dict(dw_kernel_size=5, post_norm=True, level2_post_norm=True, level2_post_norm_block_ids=(0, 1),
+                            center_feature_scale=True, use_clip_projector=True),
+    'remove_center': dict(remove_center=True),
+}
+
+
+def _spec_keys(suffix: str) -> list[tuple[str, tuple[int, ...]]]:
+    rows = (line.rstrip('\n').split('\t') for line in (SPEC_KEYS / f'internimage_{suffix}_1000cls_keys.tsv').open())
+    return [(k, tuple(ast.literal_eval(shape))) for k, shape in rows]
+
+
+def _tiny(**kwargs) -> InternImage:
+    torch.manual_seed(0)
+    return InternImage(**{**TINY, **kwargs})
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Move all parameters away from their init (zero offsets, unit norms ...) so every path is exercised."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+
+
+def _real_images(n: int, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(REAL_IMAGES.glob('*.JPEG'))[:n]
+    assert len(files) == n, f'expected {n} real images in {REAL_IMAGES}'
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    out = []
+    for f in files:
+        img = Image.open(f).convert('RGB').resize((size, size), Image.BICUBIC)
+        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+        out.append((t.float() / 255 - mean) / std)
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------ keys / counts
+@pytest.mark.parametrize('name', list(SIZES))
+def test_state_dict_keys_shapes_and_param_count_match_official(name):
+    suffix, count = SIZES[name]
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    expected = _spec_keys(suffix)
+    assert {k for k, _ in got} == {k for k, _ in expected}, (
+        f'extra {sorted({k for k, _ in got} - {k for k, _ in expected})[:5]}, '
+        f'missing {sorted({k for k, _ in expected} - {k for k, _ in got})[:5]}')
+    assert got == expected  # same shapes, same order
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_core_op_names_map_to_backends_and_unknown_rejected():
+    assert pm.internimage.CORE_OP_BACKENDS == {'DCNv3': 'auto', 'DCNv3_pytorch': 'pytorch'}
+    with pytest.raises(ValueError, match='core_op'):
+        InternImage(core_op='DCNv4', channels=16, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8))
+    with pytest.raises(TypeError):
+        InternImage(channels=16, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8), not_an_arg=1)
+
+
+def test_drop_path_schedule_linear_and_uniform():
+    model = _tiny(drop_path_rate=0.4, depths=(1, 1, 2, 1))
+    rates = [getattr(b.drop_path, 'drop_prob', 0.0) for lvl in model.levels for b in lvl.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    model = _tiny(drop_path_rate=0.4, drop_path_type='uniform')
+    rates = [b.drop_path.drop_prob for lvl in model.levels for b in lvl.blocks]
+    assert rates == pytest.approx([0.4] * 5)
+
+
+# ------------------------------------------------------------------------------------------------ init
+def test_official_initialisation():
+    model = InternImage(core_op=CORE_OP, channels=64, depths=(1, 1, 2, 1), groups=(4, 8, 16, 32), layer_scale=1e-5,
+                        center_feature_scale=True, post_norm=True, num_classes=1000)
+    layer = model.levels[2].blocks[0]
+    dcn = layer.dcn
+    for t in (dcn.offset.weight, dcn.offset.bias, dcn.mask.weight, dcn.mask.bias, dcn.input_proj.bias,
+              dcn.output_proj.bias, dcn.center_feature_scale_proj_weight, dcn.center_feature_scale_proj_bias):
+        assert torch.count_nonzero(t) == 0
+    # xavier_uniform on input/output projections: U(-a, a) with a = sqrt(6 / (fan_in + fan_out)).
+    w = dcn.input_proj.weight
+    bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    # trunc_normal(std .02) on every other Linear, zero bias.
+    for lin in (layer.mlp.fc1, layer.mlp.fc2, model.head):
+        assert lin.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert torch.count_nonzero(lin.bias) == 0
+    assert torch.all(layer.gamma1 == 1e-5) and torch.all(layer.gamma2 == 1e-5)
+    for ln in (layer.norm1[0], layer.norm2[0], model.levels[0].downsample.norm[1]):
+        assert torch.all(ln.weight == 1) and torch.count_nonzero(ln.bias) == 0
+        assert ln.eps == 1e-6
+    # Conv2d keeps the PyTorch default (kaiming_uniform a=sqrt(5) -> U(+-1/sqrt(fan_in))), not trunc_normal.
+    conv = model.patch_embed.conv2.weight
+    assert conv.abs().max() <= 1 / math.sqrt(conv[0].numel()) + 1e-6
+    assert conv.std().item() > 0.03
+
+
+def test_init_dcn_is_box_filter_of_input_projection():
+    """At init (zero offsets, uniform mask) every DCNv3 is a 3x3 box filter of input_proj(x) (zero padded)."""
+    model = _tiny()
+    dcn = model.levels[0].blocks[0].dcn
+    x = torch.randn(2, 8, 8, 16)
+    with torch.no_grad():
+        got = dcn(x)
+        v = dcn.input_proj(x).permute(0, 3, 1, 2)
+        box = F.avg_pool2d(v, 3, stride=1, padding=1, count_include_pad=True).permute(0, 2, 3, 1)
+        expected = dcn.output_proj(box)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ semantics
+def _reference_layer(layer: InternImageLayer, x: torch.Tensor) -> torch.Tensor:
+    """The official InternImageLayer._inner_forward written out from the spec (eval mode, drop_path inactive)."""
+    if layer.layer_scale:
+        g1, g2 = layer.gamma1, layer.gamma2
+        if layer.post_norm:
+            x = x + g1 * layer.norm1(layer.dcn(x))
+            return x + g2 * layer.norm2(layer.mlp(x))
+        x = x + g1 * layer.dcn(layer.norm1(x))
+        return x + g2 * layer.mlp(layer.norm2(x))
+    if layer.post_norm:
+        x = x + layer.norm1(layer.dcn(x))
+        return x + layer.norm2(layer.mlp(x))
+    if layer.res_post_norm:
+        x = x + layer.res_post_norm1(layer.dcn(layer.norm1(x)))
+        return x + layer.res_post_norm2(layer.mlp(layer.norm2(x)))
+    x = x + layer.dcn(layer.norm1(x))
+    return x + layer.mlp(layer.norm2(x))
+
+
+def _reference_forward(model: InternImage, x: torch.Tensor) -> torch.Tensor:
+    """The official forward (incl. ``forward_clip_projector``) written out from the spec, explicit attention."""
+    x = model.patch_embed(x)
+    outs = []
+    for level in model.levels:
+        for j, blk in enumerate(level.blocks):
+            x = _reference_layer(blk, x)
+            ids = level.post_norm_block_ids
+            if ids is not None and j in ids:
+                x = level.post_norms[list(ids).index(j)](x)
+        if not level.post_norm or level.center_feature_scale:
+            x = level.norm(x)
+        outs.append(x)
+        if level.downsample is not None:
+            x = level.downsample.norm(level.downsample.conv(x.permute(0, 3, 1, 2)))
+    if not model.use_clip_projector:
+        x = model.conv_head(outs[-1].permute(0, 3, 1, 2))
+        return model.head(x.mean((2, 3)))
+    x = model.dcnv3_head_x4(outs[3].permute(0, 3, 1, 2)) + model.dcnv3_head_x3(outs[2].permute(0, 3, 1, 2))
+    tokens = x.flatten(2).transpose(1, 2)  # (B, N, 1024)
+    cp = model.clip_projector
+    att = cp.cross_dcn
+    q = cp.norm1_q(tokens.mean(1, keepdim=True))
+    k, v = cp.norm1_k(tokens), cp.norm1_v(tokens)
+    b, n, _ = k.shape
+    heads = att.num_heads
+    q = F.linear(q, att.q.weight, att.q_bias).view(b, 1, heads, -1).transpose(1, 2)
+    k = F.linear(k, att.k.weight, att.k_bias).view(b, n, heads, -1).transpose(1, 2)
+    v = F.linear(v, att.v.weight, att.v_bias).view(b, n, heads, -1).transpose(1, 2)
+    attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+    pooled = att.proj((attn @ v).transpose(1, 2).reshape(b, 1, -1)).squeeze(1)
+    return model.head(model.fc_norm(pooled))
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_forward_matches_official_semantics(variant):
+    model = _tiny(**VARIANTS[variant]).eval()
+    _randomize(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = model(x)
+        expected = _reference_forward(model, x)
+    assert got.shape == (2, 10)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_variant_dispatch_is_not_degenerate():
+    """The variants really differ (guards the reference test against all branches collapsing to one)."""
+    x = torch.randn(1, 3, 32, 32)
+    outs = {}
+    for name in ('T_prenorm', 'SBLXL_postnorm_layerscale', 'prenorm_layerscale'):
+        model = _tiny(**VARIANTS[name]).eval()
+        _randomize(model)
+        with torch.no_grad():
+            outs[name] = model.levels[0].blocks[0](model.patch_embed(x))
+    vals = list(outs.values())
+    assert not torch.allclose(vals[0], vals[1]) and not torch.allclose(vals[0], vals[2])
+
+
+def test_h_head_uses_stage3_and_upsampled_stage4():
+    model = _tiny(**VARIANTS['H_resPostNorm_clip']).eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 1024, 4, 4)  # stride 16
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 768)
+    assert isinstance(model.dcnv3_head_x4[1], torch.nn.PixelShuffle)
+    assert not hasattr(model, 'conv_head')
+
+
+# ------------------------------------------------------------------------------------------------ real images
+def test_tiny_forward_on_real_images_is_finite_and_per_sample():
+    x = _real_images(4, 64)
+    for variant in ('T_prenorm', 'G_postnorm_clip'):
+        model = _tiny(**VARIANTS[variant]).eval()
+        _randomize(model)
+        with torch.no_grad():
+            batched = model(x)
+            single = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+        assert torch.isfinite(batched).all()
+        torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+        assert batched.std(0).mean() > 0  # different images give different logits
+
+
+@pytest.mark.slow
+def test_internimage_t_forward_backward_real_images_224():
+    model = timm.create_model('internimage_t', core_op=CORE_OP, num_classes=1000)
+    x = _real_images(2, 224)
+    out = model(x)
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ checkpointing
+@pytest.mark.parametrize('variant', ['T_prenorm', 'SBLXL_postnorm_layerscale', 'H_resPostNorm_clip'])
+@pytest.mark.parametrize('every', [1, 2])
+def test_grad_checkpointing_gives_equal_grads(variant, every):
+    model = _tiny(**{**VARIANTS[variant], 'drop_path_rate': 0.3}).train()
+    _randomize(model)
+    x = _real_images(2, 64)
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(123)  # same drop-path masks in both runs; checkpoint replays the RNG state
+        model(x).logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref = grads()
+    model.set_grad_checkpointing(True, every=every)
+    flags = [b.grad_checkpointing for lvl in model.levels for b in lvl.blocks]
+    assert flags == [i % every == 0 for i in range(len(flags))]
+    ckpt = grads()
+    for n in ref:
+        torch.testing.assert_close(ckpt[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    model.set_grad_checkpointing(False)
+    assert not any(b.grad_checkpointing for lvl in model.levels for b in lvl.blocks)
+
+
+def test_checkpointing_recomputes_blocks_and_with_cp_enables_it():
+    model = _tiny(with_cp=True).train()
+    assert all(b.grad_checkpointing for lvl in model.levels for b in lvl.blocks)
+    calls = []
+    model.levels[0].blocks[0].dcn.register_forward_hook(lambda *a: calls.append(1))
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert len(calls) == 2  # forward + recompute in backward
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert len(calls) == 1
+
+
+# ------------------------------------------------------------------------------------------------ timm interface
+@pytest.mark.parametrize('name', list(SIZES))
+def test_timm_create_model_and_pretrained_cfg(name):
+    assert name in timm.list_models('internimage*')
+    with torch.device('meta'):
+        model = timm.create_model(name, num_classes=21841, drop_path_rate=0.0)
+    assert model.head.out_features == 21841
+    cfg = model.pretrained_cfg
+    assert cfg['crop_pct'] == 1.0 and cfg['interpolation'] == 'bicubic'
+    assert cfg['mean'] == (0.485, 0.456, 0.406) and cfg['std'] == (0.229, 0.224, 0.225)
+    assert cfg['url'].startswith('https://huggingface.co/OpenGVLab/InternImage/') and cfg['url'].endswith('.pth')
+    size = {'internimage_h': 640, 'internimage_g': 512, 'internimage_l': 384, 'internimage_xl': 384}.get(name, 224)
+    assert cfg['input_size'] == (3, size, size)
+
+
+def test_features_only_and_forward_intermediates():
+    x = torch.randn(2, 3, 64, 64)
+    model = timm.create_model('internimage_t', features_only=True, core_op=CORE_OP, channels=16,
+                              depths=(1, 1, 1, 1), groups=(1, 2, 4, 8))
+    feats = model(x)
+    assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
+    assert model.feature_info.channels() == [16, 32, 64, 128]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    model = timm.create_model('internimage_t', features_only=True, out_indices=(1, 2), core_op=CORE_OP,
+                              channels=16, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8))
+    assert [tuple(f.shape) for f in model(x)] == [(2, 32, 8, 8), (2, 64, 4, 4)]
+    assert len(model.model.levels) == 3  # pruned after the last requested level
+
+    full = _tiny().eval()
+    with torch.no_grad():
+        final, inter = full.forward_intermediates(x)
+        nhwc = full.forward_intermediates(x, indices=[0, 3], output_fmt='NHWC', intermediates_only=True)
+        seq = full.forward_features_seq_out(x)
+        torch.testing.assert_close(final, full.forward_features(x))
+    torch.testing.assert_close(inter[3], seq[3].permute(0, 3, 1, 2))
+    torch.testing.assert_close(nhwc[0], seq[0])
+    assert len(inter) == 4 and len(nhwc) == 2
+
+
+def test_reset_classifier_and_pre_logits():
+    model = _tiny()
+    model.reset_classifier(7)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    model.reset_classifier(0)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, int(128 * 1.5))
+    clip = _tiny(**VARIANTS['G_postnorm_clip'])
+    clip.reset_classifier(5)
+    assert clip.head.in_features == 768 and clip(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_group_matcher_gives_official_layer_decay():
+    """timm's layer decay with our group_matcher reproduces the official ``lr_decay_keywords`` scales."""
+    from timm.optim import param_groups_layer_decay
+
+    model = _tiny(**VARIANTS['H_resPostNorm_clip'])
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.9)
+    scale = {n: g['lr_scale'] for g in groups for n, p in model.named_parameters() if any(p is q for q in g['params'])}
+    assert set(scale) == {n for n, _ in model.named_parameters()}
+    depths = TINY['depths']
+    n_blocks = sum(depths)
+    # official: block k (0-based, forward order) gets ratio ** (n_blocks - 1 - k)
+    k = 0
+    for i, d in enumerate(depths):
+        for j in range(d):
+            assert scale[f'levels.{i}.blocks.{j}.mlp.fc1.weight'] == pytest.approx(0.9 ** (n_blocks - 1 - k))
+            k += 1
+    assert scale['patch_embed.conv1.weight'] == pytest.approx(0.9 ** (n_blocks - 1))
+    assert scale['levels.0.downsample.conv.weight'] == scale['levels.1.blocks.0.mlp.fc1.weight']
+    assert scale['levels.2.norm.0.weight'] == scale['levels.3.blocks.0.mlp.fc1.weight']
+    for name in ('levels.3.norm.0.weight', 'levels.2.post_norms.0.0.weight', 'head.weight',
+                 'clip_projector.cross_dcn.q.weight', 'dcnv3_head_x3.weight', 'fc_norm.0.weight'):
+        assert scale[name] == 1.0, name
+    # no weight decay on 1-D params and biases
+    for g in groups:
+        if g['weight_decay'] > 0:
+            assert all(p.ndim > 1 for p in g['params'])
+    coarse = timm.models.group_parameters(model, model.group_matcher(coarse=True))
+    assert len(coarse) == 1 + len(depths) + 1
