@@ -25,21 +25,22 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from pretrain.models.checkpoint import LoadReport, load_checkpoint
+from pretrain.models.internimage import InternImage
 
 __all__ = ['create_backbone', 'set_grad_checkpointing', 'checkpointable_blocks', 'layer_decay_param_groups']
 
 
 def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks activation checkpointing wraps, in forward order.
+    """The blocks activation checkpointing wraps, in forward order: the children of every ``.blocks`` container.
 
-    InternImage: ``levels[i].blocks[j]``; timm stage models (ConvNeXt V1/V2 ...): ``stages[i].blocks[j]``.
+    InternImage: ``levels[i].blocks[j]``; timm stage models (ConvNeXt V1/V2 ...): ``stages[i].blocks[j]``; also
+    inside timm ``features_only`` wrappers.
     """
-    model = getattr(model, 'model', model)  # timm features_only wrappers hold the model as .model
-    if hasattr(model, 'levels'):
-        return [blk for level in model.levels for blk in level.blocks]
-    if hasattr(model, 'stages'):
-        return [blk for stage in model.stages for blk in getattr(stage, 'blocks', [])]
-    raise TypeError(f'{type(model).__name__} has neither .levels nor .stages; cannot find its blocks')
+    blocks = [blk for m in model.modules() if isinstance(getattr(m, 'blocks', None), (nn.ModuleList, nn.Sequential))
+              for blk in m.blocks]
+    if not blocks:
+        raise TypeError(f'{type(model).__name__} has no .blocks containers; cannot find its blocks')
+    return blocks
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
@@ -57,14 +58,14 @@ def set_grad_checkpointing(model: nn.Module, enable: bool = True, every: int = 1
     """
     if every < 1:
         raise ValueError(f'every must be >= 1, got {every}')
-    inner = getattr(model, 'model', model)
-    if hasattr(inner, 'levels') and hasattr(inner, 'set_grad_checkpointing'):
+    inner = getattr(model, 'model', model)  # timm features_only getter wraps the model as .model
+    if isinstance(inner, InternImage):
         inner.set_grad_checkpointing(enable, every=every)
         return
-    for stage in getattr(inner, 'stages', []):
-        if hasattr(stage, 'grad_checkpointing'):
-            stage.grad_checkpointing = False
-    for i, blk in enumerate(checkpointable_blocks(inner)):
+    for m in model.modules():
+        if hasattr(m, 'grad_checkpointing') and isinstance(getattr(m, 'blocks', None), nn.Module):
+            m.grad_checkpointing = False  # timm's own stage-level flag: never checkpoint twice
+    for i, blk in enumerate(checkpointable_blocks(model)):
         if enable and i % every == 0:
             blk.forward = types.MethodType(_checkpointed_forward, blk)
         else:
