@@ -116,6 +116,24 @@ def decode_jpeg_scaled(data: bytes, *, min_height: int = 0, min_width: int = 0,
         raise SkipSample(DECODE_ERROR, f"simplejpeg: {e}") from e
 
 
+def check_pixel_limit(data: bytes, max_image_pixels: int) -> None:
+    """Raise SkipSample("too_many_pixels") if the image header of ``data`` declares more than ``max_image_pixels``
+    pixels (reads the header only; a header that cannot be read is left to the decoder to report)."""
+    try:
+        if image_format(data) == "jpeg" and simplejpeg is not None:
+            height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                width, height = Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError as e:
+        raise SkipSample(TOO_MANY_PIXELS, str(e)) from e
+    except _CORRUPT_DATA_ERRORS:
+        return
+    if width * height > max_image_pixels:
+        raise SkipSample(TOO_MANY_PIXELS, f"{width}x{height} > {max_image_pixels}")
+
+
 def decode_image(data: bytes | None, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode encoded image ``data`` into an 8-bit RGB ``PIL.Image`` with EXIF orientation applied.

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipelines.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from data_pipelines.decode import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit, decode_image
 from data_pipelines.errors import (
     BAD_LABEL,
     BAD_METADATA,
@@ -88,12 +88,14 @@ class _Slot:
     start: int
     stop: int | None
     consumed: int = 0
+    to_end: bool = True  # read on to the end of the tar after ``stop`` so that a truncation is reported
     reader: Iterator[dict] | None = field(default=None, repr=False)
 
     def open(self) -> Iterator[dict]:
         if self.reader is None:
             remaining = None if self.stop is None else self.stop - self.start - self.consumed
-            self.reader = iter_tar_samples(self.url, skip_samples=self.start + self.consumed, max_samples=remaining)
+            self.reader = iter_tar_samples(self.url, skip_samples=self.start + self.consumed, max_samples=remaining,
+                                           check_end=self.to_end)
         return self.reader
 
 
@@ -121,8 +123,8 @@ def resolve_shards(sources: Sequence[SourceSpec], *, need_counts: bool) -> list[
 
 
 def epoch_plan(shards: Sequence[_Shard], *, seed: int, epoch: int, rank: int, world_size: int, worker_id: int,
-               num_workers: int, batch_size: int, drop_last: bool) -> list[tuple[str, int, int, int]]:
-    """The segments (url, start, stop, source) that one worker reads in epoch mode.
+               num_workers: int, batch_size: int, drop_last: bool) -> list[tuple[str, int, int, int, bool]]:
+    """The segments (url, start, stop, source, ends_shard) that one worker reads in epoch mode.
 
     All ranks shuffle the shard order identically from (seed, epoch), lay the samples end to end and cut them into
     ``world_size`` contiguous ranges (sizes differ by at most one; with ``drop_last`` every rank gets the same
@@ -155,7 +157,7 @@ def epoch_plan(shards: Sequence[_Shard], *, seed: int, epoch: int, rank: int, wo
     for shard in ordered:
         lo, hi = max(start - offset, 0), min(stop - offset, shard.samples)
         if lo < hi:
-            plan.append((shard.url, lo, hi, shard.source))
+            plan.append((shard.url, lo, hi, shard.source, hi == shard.samples))
         offset += shard.samples
     return plan
 
@@ -238,7 +240,7 @@ class _WorkerIterator:
     def _reset(self) -> None:
         ds = self.ds
         self.rng = random.Random(_stable_seed("worker", ds.seed, self.epoch, ds.rank, self.worker_id))
-        self.plan: list[tuple[str, int, int, int]] | None = None  # epoch mode only; built lazily
+        self.plan: list[tuple[str, int, int, int, bool]] | None = None  # epoch mode only; built lazily
         self.next_segment = 0
         self.slots: list[_Slot] = []
         self.n_processed = 0  # samples read from tars (good or bad), also the augmentation seed counter
@@ -258,8 +260,8 @@ class _WorkerIterator:
                                        num_workers=self.num_workers, batch_size=ds.batch_size,
                                        drop_last=ds.drop_last)
             while len(self.slots) < ds.interleave_shards and self.next_segment < len(self.plan):
-                url, start, stop, source = self.plan[self.next_segment]
-                self.slots.append(_Slot(url, source, start, stop))
+                url, start, stop, source, ends_shard = self.plan[self.next_segment]
+                self.slots.append(_Slot(url, source, start, stop, to_end=ends_shard))
                 self.next_segment += 1
         else:
             while len(self.slots) < ds.interleave_shards:
@@ -327,7 +329,7 @@ class _WorkerIterator:
             "worker_id": self.worker_id, "num_workers": self.num_workers, "fingerprint": ds.fingerprint,
             "epoch": self.epoch,
             "next_segment": self.next_segment,
-            "slots": [(s.url, s.source, s.start, s.stop, s.consumed) for s in self.slots],
+            "slots": [(s.url, s.source, s.start, s.stop, s.consumed, s.to_end) for s in self.slots],
             "rng": self.rng.getstate(),
             "n_processed": self.n_processed,
             "n_yielded": self.n_yielded,
@@ -350,8 +352,7 @@ class _WorkerIterator:
         self.epoch = state["epoch"]
         self._reset()
         self.next_segment = state["next_segment"]
-        self.slots = [_Slot(url, source, start, stop, consumed) for url, source, start, stop, consumed
-                      in state["slots"]]
+        self.slots = [_Slot(*slot) for slot in state["slots"]]
         self.rng.setstate(state["rng"])
         self.n_processed = state["n_processed"]
         self.n_yielded = state["n_yielded"]
@@ -382,6 +383,8 @@ def _select_fields(raw: dict, image_extensions: Sequence[str]) -> dict:
 def _apply_transform(transform: Callable, data: bytes, max_image_pixels: int) -> torch.Tensor:
     """Stage: bytes -> tensor, through the transform's fused ``from_encoded`` fast path when it has one."""
     if hasattr(transform, "from_encoded"):
+        if data:
+            check_pixel_limit(data, max_image_pixels)  # the loader's limit, whatever the transform's own is
         return transform.from_encoded(data)
     return transform(decode_image(data, max_image_pixels=max_image_pixels))
 
@@ -397,7 +400,8 @@ class _seeded_rngs:
         self.saved = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
         random.seed(self.seed)
         np.random.seed(self.seed % (1 << 32))
-        torch.manual_seed(self.seed)
+        # Only the CPU generator: torch.manual_seed would also queue CUDA seeding (milliseconds per call).
+        torch.default_generator.manual_seed(self.seed)
 
     def __exit__(self, *exc) -> None:
         random.setstate(self.saved[0])
@@ -426,9 +430,13 @@ class WebDatasetLoader(StatefulDataLoader):
         self.dataset.set_epoch(epoch)
 
     def skip_counts(self) -> dict[str, int]:
-        """Skipped samples per reason in the current pass, over all workers, as of the last batch yielded."""
+        """Skipped samples per reason in the current pass, over all workers, as of the latest batch received."""
         total: dict[str, int] = {}
-        for iterator_state in _iterator_states(super().state_dict()):
+        # The state_dict snapshot is taken when a batch is yielded, so it misses skips a worker made after its
+        # last batch; torchdata's live per-worker states (private, hence the fallback) include them.
+        live = getattr(getattr(self, "_iterator", None), "_worker_snapshots", None)
+        states = [w.get_state() for w in live.values()] if live else [super().state_dict()]
+        for iterator_state in _iterator_states(states):
             for reason, n in iterator_state["skips"].items():
                 total[reason] = total.get(reason, 0) + n
         return dict(sorted(total.items()))

@@ -9,6 +9,7 @@ has been yielded; the sample that was cut is not yielded.
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import tarfile
@@ -19,6 +20,8 @@ from typing import IO
 import braceexpand
 
 from data_pipelines.errors import TRUNCATED_TAR, UNREADABLE_SHARD, SkipSample
+
+log = logging.getLogger("data_pipelines")
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -66,11 +69,14 @@ def open_url(url: str) -> IO[bytes]:
         raise SkipSample(UNREADABLE_SHARD, f"{url}: {e}") from e
 
 
-def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None = None) -> Iterator[dict]:
+def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None = None,
+                     check_end: bool = False) -> Iterator[dict]:
     """Yield the samples of the tar shard at ``url`` (plain or gzip-compressed), in tar order.
 
     ``skip_samples`` samples are read past without being yielded (used to resume); at most ``max_samples`` are
-    yielded after them. Raises SkipSample(``unreadable_shard`` | ``truncated_tar``) after the last good sample.
+    yielded after them. With ``check_end`` the rest of the tar is still read after the last yielded sample, so a
+    truncation there is reported. Raises SkipSample(``unreadable_shard`` | ``truncated_tar``) after the last good
+    sample.
     """
     stream = open_url(url)
     n_seen = 0  # samples completed, including skipped ones
@@ -95,6 +101,9 @@ def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None
                     n_seen += 1
                     current = None
                     if limit is not None and n_seen >= limit:
+                        if not check_end:
+                            return
+                        _drain(tar, url)
                         return
                 if current is None:
                     current = {"__key__": key, "__url__": url}
@@ -110,6 +119,13 @@ def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None
             raise SkipSample(TRUNCATED_TAR, f"{url}: {type(e).__name__}: {e} (sample cut: {cut})") from e
     finally:
         stream.close()
+
+
+def _drain(tar: tarfile.TarFile, url: str) -> None:
+    """Read the remaining members (raising on a truncated tar); more samples than expected are only logged."""
+    extra = sum(1 for m in tar if m.isfile())
+    if extra:
+        log.warning("%s: %d members after the expected number of samples (stale manifest?); not read", url, extra)
 
 
 def count_tar_samples(url: str) -> int:

@@ -9,12 +9,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from data_helpers import CC12M_TAR, bad_samples, encode, halves_image, read_tar, unusual_images
 from PIL import Image
 
 from data_pipelines.decode import decode_image, fast_jpeg_size, jpeg_exif_orientation
 from data_pipelines.errors import SkipSample
 from data_pipelines.transforms import build_eval_transform, build_mixup, build_train_transform, rrc_params
+from tests.data_helpers import CC12M_TAR, bad_samples, encode, halves_image, read_tar, unusual_images
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import tarfile
 
 import pytest
 import webdataset as wds
-from data_helpers import CC12M_TAR, IMAGENET_SAMPLES, IMAGENET_WNIDS, MNIST_TGZ, REPO_ROOT, read_tar
 from PIL import Image
 
 from data_pipelines.cli import main
 from data_pipelines.manifest import read_manifest, verify_manifest
 from data_pipelines.writers import WriteOptions, list_webdataset, load_class_map, write_shards
+from tests.data_helpers import CC12M_TAR, IMAGENET_SAMPLES, IMAGENET_WNIDS, MNIST_TGZ, REPO_ROOT, read_tar
 
 WNIDS = [line.strip() for line in open(IMAGENET_WNIDS) if line.strip()]
 

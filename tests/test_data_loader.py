@@ -1,0 +1,251 @@
+"""The loader on real shards: contents exact, bad samples skipped and counted per reason, epoch mode split over
+2 ranks x 2 workers, resampled mixing, and exact resume through StatefulDataLoader state."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+
+from data_pipelines.filters import field_condition, min_image_side
+from data_pipelines.loader import SourceSpec, build_loader
+from data_pipelines.text import build_tokenizer, clean_caption
+from data_pipelines.transforms import build_train_transform
+from data_pipelines.writers import WriteOptions, list_webdataset, write_shards
+from tests.data_helpers import CC12M_TAR, MNIST_TGZ, REPO_ROOT, bad_samples, read_tar, unusual_images, write_tar
+
+SMALL = build_train_transform(32)
+
+
+def tiny_tensor(img) -> torch.Tensor:
+    """A cheap transform (PIL image -> Tensor[3,2,2]) for tests that only look at which samples arrive."""
+    return torch.zeros(3, 2, 2)
+MAX_PIXELS = 10_000_000
+
+
+@pytest.fixture(scope="module")
+def cc12m_dir(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("cc12m") / "cc12m")
+    samples, _ = list_webdataset(CC12M_TAR)
+    write_shards(samples, out, WriteOptions(samples_per_shard=4, progress=False, prefix="cc12m"), kind="img2dataset",
+                 input_desc=CC12M_TAR)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("mnist") / "mnist")
+    samples, _ = list_webdataset(MNIST_TGZ)
+    write_shards(samples, out, WriteOptions(samples_per_shard=30, progress=False, prefix="mnist"), kind="webdataset",
+                 input_desc=MNIST_TGZ)
+    return out
+
+
+CC12M_URLS = "cc12m-{000000..000007}.tar"
+
+
+def collect(loader, max_batches: int | None = None) -> list[dict]:
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if max_batches is not None and len(batches) == max_batches:
+            break
+    return batches
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+@pytest.fixture(scope="module")
+def bad_shards(tmp_path_factory) -> tuple[list[str], list[str], dict[str, int]]:
+    """A shard of every bad case plus good and unusual samples, and a truncated shard.
+    Returns (urls, keys that must be delivered, expected skip counts)."""
+    root = tmp_path_factory.mktemp("bad")
+    original = read_tar(CC12M_TAR)
+    keys = sorted(original)
+    good = [(k, {"jpg": original[k]["jpg"], "txt": original[k]["txt"]}) for k in keys[:5]]
+    unusual = [(f"odd_{name}", {("jpg" if name.endswith("jpeg") else "png"): data, "txt": name.encode()})
+               for name, (data, _) in sorted(unusual_images().items())]
+    bad = bad_samples(original[keys[5]]["jpg"])
+    mixed = good[:2] + [(k, p) for k, p, _ in bad[:4]] + unusual + good[2:] + [(k, p) for k, p, _ in bad[4:]]
+    write_tar(str(root / "bad-000000.tar"), mixed)
+    # A shard cut in the middle of its 6th sample's image: the first 5 samples must still arrive.
+    whole = [(k, {"jpg": original[k]["jpg"], "txt": original[k]["txt"]}) for k in keys[10:18]]
+    write_tar(str(root / "whole.tar"), whole)
+    with tarfile.open(root / "whole.tar") as tar:
+        cut_at = next(m for m in tar.getmembers() if m.name == f"{keys[15]}.jpg")
+    data = (root / "whole.tar").read_bytes()[: cut_at.offset_data + cut_at.size // 2]
+    (root / "bad-000001.tar").write_bytes(data)
+    expected_keys = [k for k, _ in good + unusual] + keys[10:15]
+    expected_skips = dict(Counter(reason for _, _, reason in bad))
+    expected_skips["truncated_tar"] = 1
+    return [str(root / "bad-000000.tar"), str(root / "bad-000001.tar")], expected_keys, expected_skips
+
+
+def test_bad_samples_skipped_with_counts_per_reason(bad_shards):
+    urls, expected_keys, expected_skips = bad_shards
+    loader = build_loader(SourceSpec("bad", urls), batch_size=4, num_workers=0, transform=SMALL,
+                          tokenizer="ViT-B-32", max_image_pixels=MAX_PIXELS)
+    batches = collect(loader)
+    assert sorted(keys_of(batches)) == sorted(expected_keys)
+    assert loader.skip_counts() == dict(sorted(expected_skips.items()))
+    assert all(torch.isfinite(b["image"]).all() for b in batches)
+
+
+@pytest.mark.slow
+def test_check_cli_reports_good_and_skipped_with_workers(bad_shards):
+    urls, expected_keys, expected_skips = bad_shards
+    result = subprocess.run([sys.executable, "-m", "data_pipelines", "check", "::".join(urls), "--json",
+                             "--require-caption", "--max-image-pixels", str(MAX_PIXELS), "--workers", "2"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"good": len(expected_keys), "skipped": dict(sorted(expected_skips.items()))}
+
+
+def test_captions_tokens_and_labels_exact(cc12m_dir, mnist_dir):
+    original = read_tar(CC12M_TAR)
+    tokenize = build_tokenizer("ViT-B-32")
+    loader = build_loader(SourceSpec("cc12m", os.path.join(cc12m_dir, CC12M_URLS)), batch_size=5, num_workers=0,
+                          transform=SMALL, tokenizer=tokenize)
+    seen = 0
+    for batch in loader:
+        assert batch["image"].shape[1:] == (3, 32, 32) and batch["text"].shape[1] == 77
+        assert batch["label"].tolist() == [-1] * len(batch["key"])
+        for key, tokens in zip(batch["key"], batch["text"]):
+            assert torch.equal(tokens, tokenize(clean_caption(original[key]["txt"])))
+            seen += 1
+    assert seen == 32
+    mnist = read_tar(MNIST_TGZ)
+    loader = build_loader(SourceSpec("mnist", os.path.join(mnist_dir, "mnist-{000000..000002}.tar")), batch_size=16,
+                          num_workers=0, transform=SMALL)
+    labels = {k: int(v) for b in loader for k, v in zip(b["key"], b["label"].tolist())}
+    assert labels == {k: int(p["cls"]) for k, p in mnist.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_epoch_mode_two_ranks_two_workers_see_every_sample_once(cc12m_dir):
+    urls = os.path.join(cc12m_dir, CC12M_URLS)
+    per_rank = []
+    for rank in range(2):
+        loader = build_loader(SourceSpec("cc12m", urls), batch_size=3, num_workers=2, mode="epoch", seed=7,
+                              rank=rank, world_size=2, transform=SMALL, interleave_shards=2)
+        per_rank.append(keys_of(collect(loader)))
+    all_keys = per_rank[0] + per_rank[1]
+    assert len(all_keys) == 32 and set(all_keys) == set(read_tar(CC12M_TAR))
+    assert [len(k) for k in per_rank] == [16, 16]
+    # A new epoch: same samples, another order.
+    loader = build_loader(SourceSpec("cc12m", urls), batch_size=3, num_workers=2, seed=7, rank=0, world_size=2,
+                          transform=SMALL, epoch=1, interleave_shards=2)
+    epoch1 = keys_of(collect(loader))
+    assert epoch1 != per_rank[0]
+    # drop_last: every rank gets the same number of full batches.
+    counts = []
+    for rank in range(2):
+        loader = build_loader(SourceSpec("cc12m", urls), batch_size=5, num_workers=2, seed=7, rank=rank,
+                              world_size=2, transform=SMALL, drop_last=True)
+        counts.append([len(b["key"]) for b in collect(loader)])
+    assert counts == [[5, 5, 5], [5, 5, 5]]
+
+
+def test_too_few_shards_is_a_clear_error(cc12m_dir):
+    with pytest.raises(ValueError, match="at least one shard per data-loader worker"):
+        build_loader(SourceSpec("cc12m", os.path.join(cc12m_dir, "cc12m-{000000..000002}.tar")), batch_size=2,
+                     num_workers=2, rank=0, world_size=2, transform=SMALL)
+
+
+def _resume_matches(make_loader, stop_after: int, total_batches: int | None) -> None:
+    reference = collect(make_loader(), total_batches)
+    first = make_loader()
+    head = collect(first, stop_after)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)  # the state must survive a checkpoint file
+    buffer.seek(0)
+    resumed = make_loader()
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    rest_count = None if total_batches is None else total_batches - stop_after
+    tail = collect(resumed, rest_count)
+    combined = head + tail
+    assert keys_of(combined) == keys_of(reference)
+    for got, want in zip(combined, reference):
+        assert torch.equal(got["image"], want["image"])  # augmentation identical too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_after", [2, 5])
+def test_epoch_mode_resume_is_exact(cc12m_dir, stop_after):
+    urls = os.path.join(cc12m_dir, CC12M_URLS)
+
+    def make_loader():
+        return build_loader(SourceSpec("cc12m", urls), batch_size=3, num_workers=2, mode="epoch", seed=3,
+                            transform=SMALL, interleave_shards=3)
+
+    _resume_matches(make_loader, stop_after, None)
+
+
+@pytest.mark.slow
+def test_resampled_mode_resume_is_exact(cc12m_dir, mnist_dir):
+    sources = [SourceSpec("cc12m", os.path.join(cc12m_dir, CC12M_URLS)),
+               SourceSpec("mnist", os.path.join(mnist_dir, "mnist-{000000..000002}.tar"))]
+
+    def make_loader():
+        return build_loader(sources, batch_size=4, num_workers=2, mode="resampled", seed=11, transform=SMALL)
+
+    _resume_matches(make_loader, 3, 8)
+
+
+def test_resume_with_other_workers_is_refused(cc12m_dir):
+    urls = os.path.join(cc12m_dir, CC12M_URLS)
+    loader = build_loader(SourceSpec("cc12m", urls), batch_size=4, num_workers=0, transform=SMALL)
+    collect(loader, 2)
+    state = loader.state_dict()
+    other = build_loader(SourceSpec("cc12m", urls), batch_size=4, num_workers=2, transform=SMALL)
+    with pytest.raises(ValueError, match="cannot resume"):
+        other.load_state_dict(state)
+    other_seed = build_loader(SourceSpec("cc12m", urls), batch_size=4, num_workers=0, seed=5, transform=SMALL)
+    with pytest.raises(ValueError, match="cannot resume"):
+        other_seed.load_state_dict(state)
+
+
+def test_resampled_mixing_weights_and_seeding(mnist_dir):
+    source_a = SourceSpec("a", os.path.join(mnist_dir, "mnist-{000000..000001}.tar"), weight=3.0)
+    source_b = SourceSpec("b", os.path.join(mnist_dir, "mnist-000002.tar"), weight=1.0)
+
+    def sources_seen(seed: int, rank: int) -> list[str]:
+        loader = build_loader([source_a, source_b], batch_size=100, num_workers=0, mode="resampled", seed=seed,
+                              rank=rank, world_size=2, transform=tiny_tensor, interleave_shards=2)
+        return [s for b in collect(loader, 40) for s in b["source"]]
+
+    seen = sources_seen(0, 0)
+    assert abs(seen.count("a") / len(seen) - 0.75) < 0.1
+    assert sources_seen(0, 0) == seen  # seeded
+    by_size = build_loader([SourceSpec("a", source_a.urls), SourceSpec("b", source_b.urls)], batch_size=1,
+                           num_workers=0, mode="resampled", transform=SMALL)
+    weights = by_size.dataset.shard_weights
+    assert sum(weights[:2]) / sum(weights) == pytest.approx(2 / 3)  # 60 vs 30 samples
+
+
+def test_other_rank_gets_other_resampled_stream(mnist_dir):
+    source = SourceSpec("mnist", os.path.join(mnist_dir, "mnist-{000000..000002}.tar"))
+    streams = [keys_of(collect(build_loader(source, batch_size=8, num_workers=0, mode="resampled", seed=1, rank=r,
+                                            world_size=2, transform=SMALL), 4)) for r in range(2)]
+    assert streams[0] != streams[1]
+
+
+def test_metadata_filters_count_as_skips(cc12m_dir):
+    original = read_tar(CC12M_TAR)
+    small = sum(min(json.loads(p["json"])["width"], json.loads(p["json"])["height"]) < 400
+                for p in original.values())
+    loader = build_loader(SourceSpec("cc12m", os.path.join(cc12m_dir, CC12M_URLS)), batch_size=8, num_workers=0,
+                          transform=SMALL, filters=[min_image_side(400), field_condition("status == success")])
+    assert len(keys_of(collect(loader))) == 32 - small
+    assert loader.skip_counts() == ({"filter:min_image_side": small} if small else {})
