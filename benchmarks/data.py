@@ -1,0 +1,141 @@
+"""Decode + RandomResizedCrop(224) + horizontal flip + normalise: images per second per worker core.
+
+Compares, in the same run and the same process (one thread, as one data-loader worker), on the real CC12M JPEGs
+in ``../shared/data/real/cc12m-train-0000.tar``:
+
+* ``baseline``: Pillow decode of the full image -> RGB, then torchvision RandomResizedCrop(224, bilinear) ->
+  RandomHorizontalFlip -> ToTensor -> Normalize (the plain "decode, then crop" pipeline);
+* ``ours``: ``data_pipelines.transforms.build_train_transform(224, color_jitter=None).from_encoded`` (crop box
+  sampled from the JPEG header, simplejpeg decode at the smallest DCT scale that keeps the crop >= 224 px, then an
+  antialiased uint8 resize of the crop in torch, flip and one fused normalise), plus the loader's pixel-limit
+  header check.
+
+Passes alternate between the two paths so that load from other processes on a shared machine hits both alike; the
+median over passes is reported. Usage::
+
+    python benchmarks/data.py [--passes 15] [--upscale 2] [--json]
+
+``--upscale N`` adds rows for the same photos re-encoded at N times the size (JPEG q=90), i.e. larger sources as
+in unresized LAION/ImageNet originals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tarfile
+import time
+
+import torch
+from PIL import Image, features
+from torchvision import transforms as T
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from data_pipelines.decode import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit  # noqa: E402
+from data_pipelines.transforms import build_train_transform  # noqa: E402
+
+CC12M_TAR = os.path.join(REPO_ROOT, "..", "shared", "data", "real", "cc12m-train-0000.tar")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_jpegs(path: str) -> list[bytes]:
+    with tarfile.open(path) as tar:
+        return [tar.extractfile(m).read() for m in sorted(tar.getmembers(), key=lambda m: m.name)
+                if m.name.endswith(".jpg")]
+
+
+def upscale(jpegs: list[bytes], factor: int) -> list[bytes]:
+    out = []
+    for data in jpegs:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        buffer = io.BytesIO()
+        img.resize((img.width * factor, img.height * factor), Image.Resampling.BICUBIC).save(buffer, "JPEG",
+                                                                                            quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def baseline_path():
+    transform = T.Compose([T.RandomResizedCrop(224, interpolation=T.InterpolationMode.BILINEAR),
+                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+    def run(data: bytes) -> torch.Tensor:
+        return transform(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    return run
+
+
+def our_path():
+    transform = build_train_transform(224, color_jitter=None, interpolation="bilinear")
+
+    def run(data: bytes) -> torch.Tensor:
+        check_pixel_limit(data, DEFAULT_MAX_IMAGE_PIXELS)
+        return transform.from_encoded(data)
+
+    return run
+
+
+def images_per_second(run, jpegs: list[bytes]) -> float:
+    start = time.perf_counter()
+    for data in jpegs:
+        out = run(data)
+    assert out.shape == (3, 224, 224)
+    return len(jpegs) / (time.perf_counter() - start)
+
+
+def measure(jpegs: list[bytes], passes: int) -> dict[str, float]:
+    paths = {"baseline": baseline_path(), "ours": our_path()}
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    for run in paths.values():  # warm-up
+        images_per_second(run, jpegs[:4])
+    for _ in range(passes):
+        for name, run in paths.items():
+            rates[name].append(images_per_second(run, jpegs))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--passes", type=int, default=15)
+    parser.add_argument("--upscale", type=int, default=0, help="also measure photos re-encoded N times larger")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one data-loader worker = one core
+    random.seed(0)
+    torch.manual_seed(0)
+    sets = {"CC12M (real)": load_jpegs(CC12M_TAR)}
+    if args.upscale > 1:
+        sets[f"CC12M x{args.upscale} (re-encoded q=90)"] = upscale(sets["CC12M (real)"], args.upscale)
+    results = {}
+    for label, jpegs in sets.items():
+        sizes = [Image.open(io.BytesIO(d)).size for d in jpegs]
+        mean_w = sum(w for w, _ in sizes) / len(sizes)
+        mean_h = sum(h for _, h in sizes) / len(sizes)
+        rates = measure(jpegs, args.passes)
+        results[label] = {"images": len(jpegs), "mean_size": f"{mean_w:.0f}x{mean_h:.0f}",
+                          "baseline_img_per_s": round(rates["baseline"], 1), "ours_img_per_s": round(rates["ours"], 1),
+                          "speedup": round(rates["ours"] / rates["baseline"], 2)}
+    env = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+           "torch": torch.__version__, "pillow": Image.__version__,
+           "pillow_libjpeg_turbo": features.check_feature("libjpeg_turbo"), "passes": args.passes}
+    if args.json:
+        print(json.dumps({"env": env, "results": results}, indent=1))
+        return
+    print(f"env: {env}")
+    print("| images | mean size (WxH) | baseline: PIL decode, then crop (img/s/core) | ours (img/s/core) | speed-up |")
+    print("|---|---|---|---|---|")
+    for label, r in results.items():
+        print(f"| {label}, {r['images']} | {r['mean_size']} | {r['baseline_img_per_s']} | {r['ours_img_per_s']} | "
+              f"{r['speedup']}x |")
+
+
+if __name__ == "__main__":
+    main()
