@@ -1,0 +1,121 @@
+// Fused DCNv3 on the CPU: parallel over output positions (forward) or (image, group) pairs (backward), no
+// materialised sampling grids, bilinear taps computed once per point and applied to a whole group's channels.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "dcnv3_host.h"
+#include "dcnv3_math.h"
+
+namespace dcnv3 {
+namespace {
+
+template <typename scalar_t, typename offset_t>
+void forward_cpu_impl(const Geometry& geo, const scalar_t* input, const offset_t* offset, const offset_t* mask,
+                      scalar_t* output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = geo.channels(), D = geo.group_channels, P = geo.points, G = geo.group;
+  const int64_t positions = geo.batch * geo.height_out * geo.width_out;
+  const int64_t hw_in = geo.height_in * geo.width_in;
+  // Grain: enough positions per task to amortise scheduling, few enough to balance.
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, G * P * D / 16));
+  at::parallel_for(0, positions, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(D);
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const int64_t n = pos / (geo.height_out * geo.width_out);
+      const int64_t hw = pos % (geo.height_out * geo.width_out);
+      const int64_t h_out = hw / geo.width_out, w_out = hw % geo.width_out;
+      const offset_t* off_pos = offset + pos * G * P * 2;
+      const offset_t* mask_pos = mask + pos * G * P;
+      scalar_t* out_pos = output + pos * C;
+      for (int64_t g = 0; g < G; ++g) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const scalar_t* data = input + n * hw_in * C + g * D;
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t m = static_cast<acc_t>(mask_pos[g * P + p]);
+          acc_t loc_h, loc_w;
+          sampling_location<acc_t>(geo, h_out, w_out, p, static_cast<acc_t>(off_pos[(g * P + p) * 2]),
+                                   static_cast<acc_t>(off_pos[(g * P + p) * 2 + 1]), &loc_h, &loc_w);
+          const Taps<acc_t> t = bilinear_taps<acc_t>(loc_h, loc_w, geo.height_in, geo.width_in);
+          if (!t.any || m == acc_t(0)) continue;
+          const acc_t w0 = t.weight[0] * m, w1 = t.weight[1] * m, w2 = t.weight[2] * m, w3 = t.weight[3] * m;
+          const scalar_t* v0 = data + t.index[0] * C;
+          const scalar_t* v1 = data + t.index[1] * C;
+          const scalar_t* v2 = data + t.index[2] * C;
+          const scalar_t* v3 = data + t.index[3] * C;
+          acc_t* a = acc.data();
+#pragma omp simd
+          for (int64_t c = 0; c < D; ++c) {
+            a[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
+                    w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
+          }
+        }
+        for (int64_t c = 0; c < D; ++c) out_pos[g * D + c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename offset_t>
+void backward_cpu_impl(const Geometry& geo, const scalar_t* input, const offset_t* offset, const offset_t* mask,
+                       const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_input, offset_t* grad_offset,
+                       offset_t* grad_mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = geo.channels(), D = geo.group_channels, P = geo.points, G = geo.group;
+  const int64_t hw_out = geo.height_out * geo.width_out, hw_in = geo.height_in * geo.width_in;
+  const acc_t scale = static_cast<acc_t>(geo.offset_scale);
+  // Each (image, group) task owns its slice of grad_input, so the scatter needs no atomics.
+  at::parallel_for(0, geo.batch * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / G, g = task % G;
+      const scalar_t* data = input + n * hw_in * C + g * D;
+      acc_t* gin = grad_input + n * hw_in * C + g * D;
+      for (int64_t hw = 0; hw < hw_out; ++hw) {
+        const int64_t pos = n * hw_out + hw;
+        const int64_t h_out = hw / geo.width_out, w_out = hw % geo.width_out;
+        const scalar_t* gout = grad_output + pos * C + g * D;
+        const int64_t base_mask = pos * G * P + g * P;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t mi = base_mask + p;
+          const acc_t m = static_cast<acc_t>(mask[mi]);
+          acc_t loc_h, loc_w;
+          sampling_location<acc_t>(geo, h_out, w_out, p, static_cast<acc_t>(offset[mi * 2]),
+                                   static_cast<acc_t>(offset[mi * 2 + 1]), &loc_h, &loc_w);
+          const Taps<acc_t> t = bilinear_taps<acc_t>(loc_h, loc_w, geo.height_in, geo.width_in);
+          acc_t g_mask = 0, g_x = 0, g_y = 0;
+          if (t.any) {
+            point_backward<scalar_t, acc_t, PlainAdd>(data, gin, C, gout, D, t, m, scale, &g_mask, &g_x, &g_y);
+          }
+          grad_mask[mi] = static_cast<offset_t>(g_mask);
+          grad_offset[mi * 2] = static_cast<offset_t>(g_x);
+          grad_offset[mi * 2 + 1] = static_cast<offset_t>(g_y);
+        }
+      }
+    }
+  });
+}
+
+struct CpuKernels {
+  struct NoGuard {};
+  static NoGuard enter(const at::Tensor& input) {
+    TORCH_CHECK(input.device().is_cpu(), "dcnv3 CPU extension: tensors must be on the CPU, got ", input.device());
+    return {};
+  }
+  template <typename scalar_t, typename offset_t>
+  static void forward(const Geometry& geo, const scalar_t* input, const offset_t* offset, const offset_t* mask,
+                      scalar_t* output) {
+    forward_cpu_impl<scalar_t, offset_t>(geo, input, offset, mask, output);
+  }
+  template <typename scalar_t, typename offset_t>
+  static void backward(const Geometry& geo, const scalar_t* input, const offset_t* offset, const offset_t* mask,
+                       const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_input, offset_t* grad_offset,
+                       offset_t* grad_mask) {
+    backward_cpu_impl<scalar_t, offset_t>(geo, input, offset, mask, grad_output, grad_input, grad_offset, grad_mask);
+  }
+};
+
+}  // namespace
+}  // namespace dcnv3
+
+DCNV3_BIND(dcnv3::CpuKernels, "DCNv3 fused CPU kernels (layouts in csrc/dcnv3/dcnv3_math.h)")

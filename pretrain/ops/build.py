@@ -1,0 +1,135 @@
+"""Building and loading the DCNv3 extensions from ``csrc/dcnv3``.
+
+Two extensions, built just in time on first use and cached (or ahead of time with ``python -m pretrain.ops build``):
+
+* ``dcnv3_cpu_<isa>``: the fused CPU kernel, C++ only; ``<isa>`` is ``avx2`` when the CPU has AVX2+FMA, else
+  ``generic``, so a cache shared by different nodes (a home directory on a cluster) never loads code built for
+  another instruction set.
+* ``dcnv3_cuda_<archs>``: the CUDA kernel for the architectures in ``DCNV3_CUDA_ARCH_LIST`` (default ``8.0;9.0``,
+  i.e. A100 and H100); falls back to ``TORCH_CUDA_ARCH_LIST`` when that is set instead.
+
+Environment: ``DCNV3_BUILD_DIR`` (cache root, default ``~/.cache/internimage_pretrain``), ``CUDA_HOME`` (defaults to
+``/usr/local/cuda`` when it exists), ``DCNV3_VERBOSE_BUILD=1`` to see compiler output.
+A failed build is remembered with its reason; the operator then falls back to the reference with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+CSRC = Path(os.environ.get("DCNV3_CSRC", Path(__file__).resolve().parents[2] / "csrc" / "dcnv3"))
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType] = {}
+_failed: dict[str, str] = {}
+
+
+def cache_root() -> Path:
+    root = os.environ.get("DCNV3_BUILD_DIR") or Path.home() / ".cache" / "internimage_pretrain"
+    return Path(root) / f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def cpu_isa() -> str:
+    """'avx2' when this CPU has AVX2, FMA and F16C (x86-64), else 'generic'."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return "generic"
+    return "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "generic"
+
+
+def cuda_arch_list() -> str:
+    return os.environ.get("DCNV3_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
+
+
+def _cuda_include_paths() -> list[str]:
+    # torch's CUDA headers include cusparse.h and friends, which ship with the nvidia-* wheels, not with torch.
+    site = Path(sysconfig.get_paths()["purelib"])
+    return [str(p) for p in sorted(site.glob("nvidia/cu*/include")) if p.is_dir()]
+
+
+def _build(name: str, sources: list[Path], cuda: bool) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    build_dir = cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cflags = ["-O3", "-fopenmp-simd"]
+    if not cuda and name.endswith("_avx2"):
+        cflags += ["-mavx2", "-mfma", "-mf16c"]
+    kwargs: dict = dict(
+        name=name, sources=[str(s) for s in sources], extra_cflags=cflags, extra_include_paths=[str(CSRC)],
+        build_directory=str(build_dir), verbose=os.environ.get("DCNV3_VERBOSE_BUILD") == "1",
+    )
+    if cuda:
+        if not os.environ.get("CUDA_HOME") and Path("/usr/local/cuda").is_dir():
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+            cpp_extension.CUDA_HOME = "/usr/local/cuda"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+        kwargs["extra_cuda_cflags"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        kwargs["extra_include_paths"] += _cuda_include_paths()
+    else:
+        kwargs["extra_ldflags"] = []
+    return cpp_extension.load(**kwargs)
+
+
+def _load(name: str, sources: list[Path], cuda: bool) -> ModuleType | None:
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        if name in _failed:
+            return None
+        missing = [str(s) for s in sources if not s.is_file()]
+        if missing:
+            _failed[name] = f"sources not found: {', '.join(missing)} (set DCNV3_CSRC to the csrc/dcnv3 folder)"
+            return None
+        try:
+            module = _build(name, sources, cuda)
+        except Exception as exc:  # noqa: BLE001 - any compiler/linker failure becomes a reported fallback
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            _failed[name] = f"{type(exc).__name__}: {' | '.join(lines[-6:])}"
+            return None
+        _loaded[name] = module
+        return module
+
+
+def cpu_extension_name() -> str:
+    return f"dcnv3_cpu_{cpu_isa()}"
+
+
+def cuda_extension_name() -> str:
+    archs = "_".join(a.replace(".", "").replace("+PTX", "ptx") for a in cuda_arch_list().replace(",", ";").split(";"))
+    return f"dcnv3_cuda_sm{archs}"
+
+
+def load_cpu() -> ModuleType | None:
+    """The fused CPU extension, built on first call; None if it cannot be built (see :func:`failure`)."""
+    return _load(cpu_extension_name(), [CSRC / "dcnv3_cpu.cpp"], cuda=False)
+
+
+def load_cuda() -> ModuleType | None:
+    """The CUDA extension, built on first call; None if it cannot be built (see :func:`failure`)."""
+    from torch.utils import cpp_extension
+
+    name = cuda_extension_name()
+    if name not in _loaded and name not in _failed:
+        home = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if Path("/usr/local/cuda").is_dir() else None)
+        if home is None and cpp_extension.CUDA_HOME is None:
+            _failed[name] = "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
+            return None
+    return _load(name, [CSRC / "dcnv3_cuda.cu"], cuda=True)
+
+
+def failure(kind: str) -> str | None:
+    """Why the 'cpu' or 'cuda' extension is unavailable, or None if it loaded or was not tried."""
+    name = cpu_extension_name() if kind == "cpu" else cuda_extension_name()
+    return _failed.get(name)
+
+

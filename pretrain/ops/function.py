@@ -1,0 +1,84 @@
+"""``dcnv3_core``: one DCNv3 operator over three backends ('pytorch' reference, fused 'cpu', 'cuda')."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from pretrain.ops import build
+from pretrain.ops.reference import dcnv3_core_pytorch
+
+BACKENDS = ("auto", "pytorch", "cpu", "cuda")
+_REDUCED = (torch.float16, torch.bfloat16)
+_warned_fallback: set[str] = set()
+
+
+class _DCNv3Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, input, offset, mask, geometry):
+        ctx.ext, ctx.geometry = ext, geometry
+        ctx.save_for_backward(input, offset, mask)
+        return ext.forward(input, offset, mask, *geometry)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        input, offset, mask = ctx.saved_tensors
+        grad_input, grad_offset, grad_mask = ctx.ext.backward(input, offset, mask, *ctx.geometry, grad_output)
+        return None, grad_input, grad_offset, grad_mask, None
+
+
+def _fallback_warning(kind: str, reason: str) -> None:
+    if kind not in _warned_fallback:
+        _warned_fallback.add(kind)
+        warnings.warn(f"DCNv3: the fused {kind} kernel is unavailable ({reason}); using the slower PyTorch reference. "
+                      "Run `python -m pretrain.ops check` for details.", RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run on ``device``: 'auto' picks cuda for CUDA tensors, the fused cpu kernel for CPU
+    tensors when it builds, else the reference (warning once with the reason). Explicit choices never fall back."""
+    if backend not in BACKENDS:
+        raise ValueError(f"DCNv3 backend must be one of {BACKENDS}, got {backend!r}")
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    if backend == "pytorch":
+        return backend
+    if backend != "auto" and backend != kind:
+        raise ValueError(f"DCNv3 backend {backend!r} cannot run tensors on {device}")
+    if device.type not in ("cpu", "cuda"):
+        if backend == "auto":
+            return "pytorch"
+        raise ValueError(f"DCNv3 backend {backend!r} cannot run tensors on {device}")
+    ext = build.load_cuda() if kind == "cuda" else build.load_cpu()
+    if ext is not None:
+        return kind
+    if backend == "auto":
+        _fallback_warning(kind, build.failure(kind) or "unknown reason")
+        return "pytorch"
+    raise RuntimeError(f"DCNv3 {kind} kernel unavailable: {build.failure(kind)}")
+
+
+def dcnv3_core(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
+               stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
+               group_channels: int, offset_scale: float, remove_center: bool | int,
+               backend: str = "auto") -> torch.Tensor:
+    """DCNv3 aggregation with the official semantics (see :mod:`pretrain.ops.reference` for layouts).
+
+    ``input (N, H_in, W_in, G*D)``, ``offset (N, H_out, W_out, G*P*2)``, ``mask (N, H_out, W_out, G*P)`` ->
+    ``(N, H_out, W_out, G*D)`` in the input's dtype. Any batch size; non-contiguous tensors are accepted. With a
+    float16/bfloat16 input, offset and mask may be float32 (as softmax under autocast returns them) and are then
+    kept in float32; otherwise they are cast to the input's dtype. Accumulation is in float32 (float64 for double).
+    """
+    remove_center = bool(remove_center)
+    chosen = resolve_backend(backend, input.device)
+    if chosen == "pytorch":
+        return dcnv3_core_pytorch(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                  dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
+    wide = input.dtype in _REDUCED and torch.float32 in (offset.dtype, mask.dtype)
+    side_dtype = torch.float32 if wide else input.dtype
+    offset, mask = offset.to(side_dtype), mask.to(side_dtype)
+    ext = build.load_cuda() if chosen == "cuda" else build.load_cpu()
+    geometry = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+                float(offset_scale), remove_center)
+    return _DCNv3Function.apply(ext, input, offset, mask, geometry)

@@ -1,0 +1,164 @@
+"""The DCNv3 module and the small layout helpers of the official InternImage release (same names, same keys)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.init import constant_, xavier_uniform_
+
+from pretrain.ops.function import dcnv3_core
+
+# The official core_op names, mapped to our backends.
+CORE_OPS = {"DCNv3": "auto", "DCNv3_pytorch": "pytorch"}
+
+
+class to_channels_first(nn.Module):  # noqa: N801 - official name
+    """NHWC -> NCHW."""
+
+    def forward(self, x):
+        return x.permute(0, 3, 1, 2)
+
+
+class to_channels_last(nn.Module):  # noqa: N801 - official name
+    """NCHW -> NHWC."""
+
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+def build_norm_layer(dim: int, norm_layer: str, in_format: str = "channels_last", out_format: str = "channels_last",
+                     eps: float = 1e-6) -> nn.Sequential:
+    """Official helper: the norm wrapped in an ``nn.Sequential`` with permutes, so keys are ``.0.`` for a channels-last
+    input and ``.1.`` when a permute comes first (LN) — exactly the official state_dict layout."""
+    layers: list[nn.Module] = []
+    if norm_layer == "BN":
+        if in_format == "channels_last":
+            layers.append(to_channels_first())
+        layers.append(nn.BatchNorm2d(dim))
+        if out_format == "channels_last":
+            layers.append(to_channels_last())
+    elif norm_layer == "LN":
+        if in_format == "channels_first":
+            layers.append(to_channels_last())
+        layers.append(nn.LayerNorm(dim, eps=eps))
+        if out_format == "channels_first":
+            layers.append(to_channels_first())
+    else:
+        raise NotImplementedError(f"norm_layer must be 'BN' or 'LN', got {norm_layer!r}")
+    return nn.Sequential(*layers)
+
+
+def build_act_layer(act_layer: str) -> nn.Module:
+    """Official helper: 'ReLU' and 'SiLU' in place, 'GELU' exact (erf)."""
+    if act_layer == "ReLU":
+        return nn.ReLU(inplace=True)
+    if act_layer == "SiLU":
+        return nn.SiLU(inplace=True)
+    if act_layer == "GELU":
+        return nn.GELU()
+    raise NotImplementedError(f"act_layer must be 'ReLU', 'SiLU' or 'GELU', got {act_layer!r}")
+
+
+class CenterFeatureScaleModule(nn.Module):
+    """sigmoid(linear(query)): per-group weights mixing the DCN output with the input projection (no parameters)."""
+
+    def forward(self, query, center_feature_scale_proj_weight, center_feature_scale_proj_bias):
+        return F.linear(query, weight=center_feature_scale_proj_weight, bias=center_feature_scale_proj_bias).sigmoid()
+
+
+class DCNv3(nn.Module):
+    """DCNv3 layer: ``(N, H, W, C) -> (N, H, W, C)``, parameters and forward as the official ``DCNv3`` module.
+
+    ``backend`` chooses the core: 'auto' (CUDA kernel on GPU, fused kernel on CPU, reference as a fallback), 'cpu',
+    'cuda' or 'pytorch'; the official ``core_op`` names map through :data:`CORE_OPS`. All backends share one
+    state_dict layout: ``input_proj``, ``dw_conv.0``, ``dw_conv.1.1``, ``offset``, ``mask``, ``output_proj`` and, with
+    ``center_feature_scale``, ``center_feature_scale_proj_weight`` ``(group, C)`` / ``_bias`` ``(group,)``.
+    """
+
+    def __init__(self, channels: int = 64, kernel_size: int = 3, dw_kernel_size: int | None = None, stride: int = 1,
+                 pad: int = 1, dilation: int = 1, group: int = 4, offset_scale: float = 1.0, act_layer: str = "GELU",
+                 norm_layer: str = "LN", center_feature_scale: bool = False, remove_center: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        if channels % group != 0:
+            raise ValueError(f"channels must be divisible by group, got {channels} and {group}")
+        if stride != 1:
+            # The official module computes offsets at the input resolution, so only stride 1 is consistent.
+            raise ValueError("the DCNv3 module supports stride 1 only (as the official one); call dcnv3_core directly "
+                             "for strided sampling")
+        if remove_center and kernel_size % 2 == 0:
+            raise ValueError("remove_center needs an odd kernel_size")
+        _d_per_group = channels // group
+        if not math.log2(_d_per_group).is_integer():
+            warnings.warn(f"DCNv3: group_channels={_d_per_group} is not a power of 2; all backends support it",
+                          stacklevel=2)
+        dw_kernel_size = dw_kernel_size if dw_kernel_size is not None else kernel_size
+        self.offset_scale = offset_scale
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.dw_kernel_size = dw_kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.pad = pad
+        self.group = group
+        self.group_channels = channels // group
+        self.center_feature_scale = center_feature_scale
+        self.remove_center = int(remove_center)
+        self.backend = CORE_OPS.get(backend, backend)
+        points = kernel_size * kernel_size - self.remove_center
+
+        self.dw_conv = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2,
+                      groups=channels),
+            build_norm_layer(channels, norm_layer, "channels_first", "channels_last"),
+            build_act_layer(act_layer),
+        )
+        self.offset = nn.Linear(channels, group * points * 2)
+        self.mask = nn.Linear(channels, group * points)
+        self.input_proj = nn.Linear(channels, channels)
+        self.output_proj = nn.Linear(channels, channels)
+        self._reset_parameters()
+        if center_feature_scale:
+            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros((group, channels), dtype=torch.float))
+            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group, dtype=torch.float))
+            self.center_feature_scale_module = CenterFeatureScaleModule()
+
+    def _reset_parameters(self):
+        """Official init: zero offsets and mask logits (uniform softmax), xavier projections, zero biases."""
+        constant_(self.offset.weight.data, 0.0)
+        constant_(self.offset.bias.data, 0.0)
+        constant_(self.mask.weight.data, 0.0)
+        constant_(self.mask.bias.data, 0.0)
+        xavier_uniform_(self.input_proj.weight.data)
+        constant_(self.input_proj.bias.data, 0.0)
+        xavier_uniform_(self.output_proj.weight.data)
+        constant_(self.output_proj.bias.data, 0.0)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``input (N, H, W, C)`` -> ``(N, H, W, C)``."""
+        n, h, w, _ = input.shape
+        x = self.input_proj(input)
+        x_proj = x
+        x1 = self.dw_conv(input.permute(0, 3, 1, 2))
+        offset = self.offset(x1)
+        mask = F.softmax(self.mask(x1).reshape(n, h, w, self.group, -1), -1).reshape(n, h, w, -1)
+        x = dcnv3_core(x, offset, mask, self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad,
+                       self.pad, self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale,
+                       self.remove_center, backend=self.backend)
+        if self.center_feature_scale:
+            scale = self.center_feature_scale_module(x1, self.center_feature_scale_proj_weight,
+                                                     self.center_feature_scale_proj_bias)
+            # (N, H, W, G) -> (N, H, W, G*D): one scalar per group
+            scale = scale[..., None].expand(n, h, w, self.group, self.group_channels).reshape(n, h, w, self.channels)
+            x = x * (1 - scale) + x_proj * scale
+        return self.output_proj(x)
+
+
+# Official alias: the pure-PyTorch module has the same keys.
+def DCNv3_pytorch(*args, **kwargs) -> DCNv3:  # noqa: N802 - official name
+    kwargs["backend"] = "pytorch"
+    return DCNv3(*args, **kwargs)

@@ -1,0 +1,28 @@
+"""Shared fixtures: the real data beside the repo, markers that skip without the hardware they need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """``../shared/data/real`` relative to the repository root (CI has it there too)."""
+    if not REAL_DATA.is_dir():
+        pytest.fail(f"real test data not found at {REAL_DATA} (expected ../shared/data/real beside the repo)")
+    return REAL_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,225 @@
+"""DCNv3 operator: semantics against the official algorithm, fused CPU kernel against the reference (values and
+gradients, float64/float32/bfloat16/float16), module parameters and backends, build fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretrain.ops import DCNv3, build, dcnv3_core, dcnv3_core_pytorch
+from tests.dcnv3_cases import SHAPES, forward_backward, make_inputs, official_dcnv3_core
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    if build.load_cpu() is None:
+        pytest.fail(f"the fused CPU kernel did not build: {build.failure('cpu')}")
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_reference_matches_official_algorithm(name):
+    tensors, args = make_inputs(SHAPES[name])
+    ours = dcnv3_core_pytorch(*tensors, *args)
+    official = official_dcnv3_core(*tensors, *args)
+    torch.testing.assert_close(ours, official, rtol=0, atol=1e-12)
+
+
+def test_channel_layout_one_hot():
+    """Offset channels (g*P + p)*2 + (x, y), mask channels g*P + p, points x-major: a one-hot mask on point p with a
+    whole-pixel x offset reads exactly the shifted input pixel."""
+    n, h, w, g, d = 1, 6, 7, 2, 3
+    x = torch.arange(n * h * w * g * d, dtype=torch.float64).view(n, h, w, g * d)
+    group, p, shift_x = 1, 1, 1.0  # point 1 is (dx=-1, dy=0) in x-major order
+    offset = torch.zeros(n, h, w, g * 9 * 2, dtype=torch.float64)
+    offset[..., (group * 9 + p) * 2 + 0] = shift_x
+    mask = torch.zeros(n, h, w, g * 9, dtype=torch.float64)
+    mask[..., group * 9 + p] = 1.0
+    for backend in ("pytorch", "cpu"):
+        out = dcnv3_core(x, offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, g, d, 1.0, False, backend=backend)
+        # point 1 = kernel (dx=-1, dy=0); offset +1 in x -> reads the same pixel (h, w) of group 1
+        torch.testing.assert_close(out[..., d:], x[..., d:], rtol=0, atol=1e-9)
+        assert out[..., :d].abs().max() == 0
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_cpu_kernel_float64_matches_reference(cpu_kernel, name):
+    tensors, args = make_inputs(SHAPES[name])
+    ref_out, ref_grads = forward_backward(dcnv3_core_pytorch, tensors, args)
+    out, grads = forward_backward(dcnv3_core, tensors, args, backend="cpu")
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for got, want, what in zip(grads, ref_grads, ("input", "offset", "mask")):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m, w=what: f"grad {w}: {m}")
+
+
+@pytest.mark.parametrize("name", ["base", "all_mixed", "kernel5_rc", "gc5", "outside"])
+def test_cpu_kernel_gradcheck(cpu_kernel, name):
+    n, h, w, g, d, k, s, p, dil, osc, rc, std = SHAPES[name]
+    small = (1, min(h, 5), min(w, 5), g, min(d, 2), k, s, p, dil, osc, rc, std)
+    tensors, args = make_inputs(small, off_grid=True)
+    assert torch.autograd.gradcheck(lambda *t: dcnv3_core(*t, *args, backend="cpu"), tensors, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["base", "all_mixed", "gc71"])
+def test_cpu_kernel_float32(cpu_kernel, name):
+    tensors64, args = make_inputs(SHAPES[name])
+    tensors = [t.detach().float().requires_grad_() for t in tensors64]
+    ref_out, ref_grads = forward_backward(dcnv3_core_pytorch, tensors64, args)
+    out, grads = forward_backward(dcnv3_core, tensors, args, backend="cpu")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["base", "all_mixed"])
+def test_cpu_kernel_low_precision(cpu_kernel, name, dtype):
+    """bf16/fp16 inputs accumulate in float32: the result is the float64 reference of the rounded inputs, up to one
+    rounding of the output (relative 2^-8 for bf16, 2^-11 for fp16) plus float32 accumulation error."""
+    tensors, args = make_inputs(SHAPES[name], dtype=dtype, off_grid=True)
+    rounded = [t.detach().double().requires_grad_() for t in tensors]
+    ref_out, ref_grads = forward_backward(dcnv3_core_pytorch, rounded, args)
+    out, grads = forward_backward(dcnv3_core, tensors, args, backend="cpu")
+    assert out.dtype == dtype and all(gr.dtype == dtype for gr in grads)
+    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    torch.testing.assert_close(out.double(), ref_out, rtol=eps, atol=eps * ref_out.abs().max().item() * 0.05)
+    for got, want in zip(grads, ref_grads):
+        scale = want.abs().max().item()
+        # grad_output is rounded to the low precision too, so allow a few roundings relative to the largest entry
+        torch.testing.assert_close(got.double(), want, rtol=4 * eps, atol=4 * eps * scale)
+
+
+def test_cpu_kernel_float32_offsets_with_bf16_input(cpu_kernel):
+    """Under autocast softmax returns float32 masks; they stay float32 and get float32 gradients."""
+    tensors, args = make_inputs(SHAPES["base"], dtype=torch.float32)
+    x = tensors[0].detach().bfloat16().requires_grad_()
+    out, grads = forward_backward(dcnv3_core, [x, tensors[1], tensors[2]], args, backend="cpu")
+    assert out.dtype == torch.bfloat16 and grads[1].dtype == torch.float32 and grads[2].dtype == torch.float32
+    ref = dcnv3_core_pytorch(x.detach().double(), tensors[1].detach().double(), tensors[2].detach().double(), *args)
+    torch.testing.assert_close(out.double(), ref, rtol=2**-8, atol=1e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 300])
+def test_cpu_kernel_batch_sizes(cpu_kernel, batch):
+    shape = (batch, 5, 4, 2, 4, 3, 1, 1, 1, 1.0, False, 2.0)
+    tensors, args = make_inputs(shape)
+    ref_out, ref_grads = forward_backward(dcnv3_core_pytorch, tensors, args)
+    out, grads = forward_backward(dcnv3_core, tensors, args, backend="cpu")
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_cpu_kernel_non_contiguous(cpu_kernel):
+    tensors, args = make_inputs(SHAPES["base"])
+    # The same values laid out NCHW and permuted to NHWC views.
+    views = [t.detach().permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1).requires_grad_() for t in tensors]
+    assert not views[0].is_contiguous()
+    ref_out, ref_grads = forward_backward(dcnv3_core_pytorch, tensors, args)
+    out, grads = forward_backward(dcnv3_core, views, args, backend="cpu")
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_bad_arguments_name_the_problem(cpu_kernel):
+    tensors, args = make_inputs(SHAPES["base"])
+    x, offset, mask = (t.detach() for t in tensors)
+    with pytest.raises(RuntimeError, match="group \\* group_channels"):
+        dcnv3_core(x[..., :-1], offset, mask, *args, backend="cpu")
+    with pytest.raises(RuntimeError, match="offset must have shape"):
+        dcnv3_core(x, offset[..., :-2], mask, *args, backend="cpu")
+    with pytest.raises(RuntimeError, match="mask must have shape"):
+        dcnv3_core(x, offset, mask[:, :-1], *args, backend="cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dcnv3_core(x, offset, mask, *args, backend="triton")
+    with pytest.raises(ValueError, match="cannot run tensors on cpu"):
+        dcnv3_core(x, offset, mask, *args, backend="cuda")
+
+
+@pytest.mark.parametrize("center_feature_scale", [False, True])
+@pytest.mark.parametrize("remove_center", [False, True])
+def test_module_backends_agree(cpu_kernel, center_feature_scale, remove_center):
+    torch.manual_seed(0)
+    ref = DCNv3(channels=32, group=2, dw_kernel_size=5, offset_scale=2.0, center_feature_scale=center_feature_scale,
+                remove_center=remove_center, backend="pytorch").double()
+    # Non-trivial offsets, masks and centre scale (the official init zeroes them).
+    for name, param in ref.named_parameters():
+        if name.startswith(("offset", "mask", "center_feature")):
+            torch.nn.init.normal_(param, std=0.5)
+    fused = DCNv3(channels=32, group=2, dw_kernel_size=5, offset_scale=2.0, center_feature_scale=center_feature_scale,
+                  remove_center=remove_center, backend="cpu").double()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 7, 6, 32, dtype=torch.float64)
+    out_ref, out_fused = ref(x), fused(x)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-10, atol=1e-10)
+    out_ref.square().sum().backward()
+    out_fused.square().sum().backward()
+    for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, rtol=1e-8, atol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_module_official_parameter_names_and_init():
+    m = DCNv3(channels=64, group=4, dw_kernel_size=5, center_feature_scale=True, remove_center=True)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {
+        "dw_conv.0.weight": (64, 1, 5, 5), "dw_conv.0.bias": (64,),
+        "dw_conv.1.1.weight": (64,), "dw_conv.1.1.bias": (64,),
+        "offset.weight": (4 * 8 * 2, 64), "offset.bias": (4 * 8 * 2,),
+        "mask.weight": (4 * 8, 64), "mask.bias": (4 * 8,),
+        "input_proj.weight": (64, 64), "input_proj.bias": (64,),
+        "output_proj.weight": (64, 64), "output_proj.bias": (64,),
+        "center_feature_scale_proj_weight": (4, 64), "center_feature_scale_proj_bias": (4,),
+    }
+    for name in ("offset.weight", "offset.bias", "mask.weight", "mask.bias", "center_feature_scale_proj_weight"):
+        assert m.state_dict()[name].abs().max() == 0, name
+    assert m.input_proj.weight.std() > 0
+
+
+def test_module_at_init_is_a_box_filter_of_the_projection(cpu_kernel):
+    """Official init: zero offsets and a uniform softmax make each group a 3x3 mean of input_proj(x)."""
+    m = DCNv3(channels=8, group=2).double()
+    x = torch.randn(1, 5, 5, 8, dtype=torch.float64)
+    proj = m.input_proj(x).permute(0, 3, 1, 2)
+    box = torch.nn.functional.avg_pool2d(proj, 3, 1, 1, count_include_pad=True).permute(0, 2, 3, 1)
+    torch.testing.assert_close(m(x), m.output_proj(box), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_auto_falls_back_with_one_warning_when_the_build_fails(tmp_path):
+    code = (
+        "import warnings, torch\n"
+        "from pretrain.ops import dcnv3_core\n"
+        "x = torch.randn(1, 4, 4, 4); o = torch.zeros(1, 4, 4, 18); m = torch.rand(1, 4, 4, 9)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(3): dcnv3_core(x, o, m, 3, 3, 1, 1, 1, 1, 1, 1, 1, 4, 1.0, False)\n"
+        "msgs = [str(i.message) for i in w if 'DCNv3' in str(i.message)]\n"
+        "assert len(msgs) == 1 and 'sources not found' in msgs[0], msgs\n"
+        "try:\n"
+        "    dcnv3_core(x, o, m, 3, 3, 1, 1, 1, 1, 1, 1, 1, 4, 1.0, False, backend='cpu')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'cpu kernel unavailable' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('explicit cpu backend did not raise')\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, DCNV3_CSRC=str(tmp_path / "missing"), DCNV3_BUILD_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=REPO)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_cuda_kernel_compiles_for_sm90():
+    """CI has nvcc but no GPU: the CUDA file must still compile (the cache makes reruns instant)."""
+    env = dict(os.environ, DCNV3_CUDA_ARCH_LIST="9.0", PYTHONPATH=REPO)
+    res = subprocess.run([sys.executable, "-m", "pretrain.ops", "build", "--cuda"], env=env, capture_output=True,
+                         text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "cuda: built" in res.stdout
