@@ -203,3 +203,16 @@ def test_report_lists_unexpected_keys(tmp_path):
     assert report.unexpected == ['levels.0.blocks.0.gamma1'] and not report.missing
     assert 'unexpected (not in model)' in str(report)
     _assert_same(src, dst)
+
+
+def test_timm_pretrained_path_uses_official_layout(tmp_path):
+    """timm.create_model(pretrained=True) with an official ``{'model': ...}`` file (as on the HF hub)."""
+    import timm
+
+    src = _model(0)
+    path = _save({'model': src.state_dict(), 'epoch': 1}, tmp_path / 'internimage_t_1k_224.pth')
+    kwargs = {k: v for k, v in TINY.items() if k != 'drop_path_rate'}
+    overlay = dict(file=str(path), num_classes=10)
+    model = timm.create_model('internimage_t', pretrained=True, pretrained_cfg_overlay=overlay, drop_path_rate=0.0,
+                              **kwargs)
+    _assert_same(src, model)
