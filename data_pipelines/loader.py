@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from data_pipelines.errors import (
     SkipSample,
 )
 from data_pipelines.filters import SampleFilter
-from data_pipelines.manifest import manifest_sample_counts
+from data_pipelines.manifest import manifest_sample_counts, read_manifest
 from data_pipelines.tario import count_tar_samples, expand_urls, iter_tar_samples
 from data_pipelines.text import build_tokenizer, clean_caption
 
@@ -70,6 +71,7 @@ class SourceSpec:
     urls: str | list[str]
     weight: float | None = None
     image_extensions: Sequence[str] = IMAGE_EXTENSIONS
+    manifest: str | None = None  # manifest.json for remote (pipe:) shards, matched by shard file name
 
 
 @dataclass
@@ -114,12 +116,25 @@ def resolve_shards(sources: Sequence[SourceSpec], *, need_counts: bool) -> list[
         if not urls:
             raise ValueError(f"source {source.name!r}: no shard URLs in {source.urls!r}")
         counts = manifest_sample_counts(urls)
+        if source.manifest is not None:
+            counts.update(_counts_from_manifest_file(source.manifest, urls))
         for url in urls:
             n = counts.get(url)
             if n is None and need_counts:
                 n = count_tar_samples(url)
             shards.append(_Shard(url, n, i))
     return shards
+
+
+def _counts_from_manifest_file(path: str, urls: list[str]) -> dict[str, int]:
+    """Sample counts for ``urls`` from the manifest at ``path``, matching the ``*.tar`` file name in each URL."""
+    by_name = {shard["name"]: shard["samples"] for shard in read_manifest(path)["shards"]}
+    counts = {}
+    for url in urls:
+        names = [n for n in re.findall(r"[^/\s'\"]+\.(?:tar|tgz|tar\.gz)", url) if n in by_name]
+        if names:
+            counts[url] = by_name[names[-1]]
+    return counts
 
 
 def epoch_plan(shards: Sequence[_Shard], *, seed: int, epoch: int, rank: int, world_size: int, worker_id: int,
@@ -245,6 +260,7 @@ class _WorkerIterator:
         self.slots: list[_Slot] = []
         self.n_processed = 0  # samples read from tars (good or bad), also the augmentation seed counter
         self.n_yielded = 0
+        self.failed_shards_in_a_row = 0
         self.limit = None
         if ds.mode == "resampled" and ds.samples_per_epoch is not None:
             per_worker = -(-ds.samples_per_epoch // (ds.world_size * self.num_workers))
@@ -291,8 +307,14 @@ class _WorkerIterator:
             except SkipSample as e:  # unreadable or truncated shard: its good samples were already delivered
                 self.slots.remove(slot)
                 self.skips.skip(e, shard=slot.url, key=None)
+                self.failed_shards_in_a_row += slot.consumed == 0
+                if self.failed_shards_in_a_row > max(16, 2 * len(self.ds.shards)):
+                    # In resampled mode this would otherwise spin forever on sources that cannot be read.
+                    raise RuntimeError(f"{self.failed_shards_in_a_row} shards in a row could not be read (last: "
+                                       f"{slot.url}: {e}); check the URLs and credentials") from e
                 continue
             slot.consumed += 1
+            self.failed_shards_in_a_row = 0
             self.n_processed += 1
             key = raw["__key__"]
             try:

@@ -71,12 +71,14 @@ def write_manifest(out_dir: str, records: list[ShardRecord], *, kind: str, optio
     return manifest
 
 
-def read_manifest(out_dir: str) -> dict:
-    """Load ``out_dir/manifest.json``; raises FileNotFoundError or ValueError for a foreign format."""
-    with open(os.path.join(out_dir, MANIFEST_NAME)) as f:
+def read_manifest(path: str) -> dict:
+    """Load a manifest: ``path`` is the shard folder (reads ``path/manifest.json``) or the manifest file itself.
+    Raises FileNotFoundError, or ValueError for a foreign format."""
+    file_path = os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
+    with open(file_path) as f:
         manifest = json.load(f)
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{out_dir}/{MANIFEST_NAME}: unknown format {manifest.get('format')!r}")
+        raise ValueError(f"{file_path}: unknown format {manifest.get('format')!r}")
     return manifest
 
 

@@ -53,9 +53,10 @@ class _PipeStream:
     def read(self, size: int = -1) -> bytes:
         return self.proc.stdout.read(size)
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Close the pipe and return the command's exit status."""
         self.proc.stdout.close()
-        self.proc.wait()
+        return self.proc.wait()
 
 
 def open_url(url: str) -> IO[bytes]:
@@ -86,7 +87,7 @@ def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise SkipSample(TRUNCATED_TAR, f"{url}: cannot read a tar header: {e}") from e
+            raise SkipSample(UNREADABLE_SHARD, f"{url}: cannot read a tar header: {e}") from e
         try:
             for member in tar:
                 if not member.isfile():
@@ -114,6 +115,10 @@ def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None
             if current is not None and (limit is None or n_seen < limit):
                 if n_seen >= skip_samples:
                     yield current
+            if isinstance(stream, _PipeStream):
+                status = stream.close()
+                if status != 0:
+                    raise SkipSample(UNREADABLE_SHARD, f"{url}: command exited with status {status}")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             cut = current["__key__"] if current is not None else None
             raise SkipSample(TRUNCATED_TAR, f"{url}: {type(e).__name__}: {e} (sample cut: {cut})") from e

@@ -249,3 +249,36 @@ def test_metadata_filters_count_as_skips(cc12m_dir):
                           transform=SMALL, filters=[min_image_side(400), field_condition("status == success")])
     assert len(keys_of(collect(loader))) == 32 - small
     assert loader.skip_counts() == ({"filter:min_image_side": small} if small else {})
+
+
+def test_pipe_urls_with_a_manifest_read_like_local_files(cc12m_dir):
+    local = os.path.join(cc12m_dir, CC12M_URLS)
+    piped = f"pipe:cat {local}"
+    ref = build_loader(SourceSpec("cc12m", local), batch_size=4, num_workers=0, seed=2, transform=SMALL)
+    via_pipe = build_loader(SourceSpec("cc12m", piped, manifest=os.path.join(cc12m_dir, "manifest.json")),
+                            batch_size=4, num_workers=0, seed=2, transform=SMALL)
+    assert [s.samples for s in via_pipe.dataset.shards] == [4] * 8  # from the manifest, not by reading
+    ref_batches, pipe_batches = collect(ref), collect(via_pipe)
+    assert keys_of(pipe_batches) == keys_of(ref_batches) and len(keys_of(ref_batches)) == 32
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(ref_batches, pipe_batches))
+
+
+def test_unreadable_shards_are_counted_not_fatal(cc12m_dir, tmp_path):
+    good = os.path.join(cc12m_dir, "cc12m-000000.tar")
+    failing_pipe = f"pipe:cat {good}; exit 3"
+    missing = str(tmp_path / "missing.tar")
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    loader = build_loader(SourceSpec("mixed", [good, failing_pipe, missing, str(empty)]), batch_size=2,
+                          num_workers=0, mode="resampled", samples_per_epoch=8, transform=SMALL, interleave_shards=1,
+                          seed=4)
+    keys = keys_of(collect(loader))
+    assert len(keys) == 8 and set(keys) <= set(read_tar(good))
+    assert set(loader.skip_counts()) == {"unreadable_shard"}
+
+
+def test_resampled_mode_with_no_readable_shard_fails_fast_instead_of_spinning(tmp_path):
+    loader = build_loader(SourceSpec("gone", [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]), batch_size=2,
+                          num_workers=0, mode="resampled", transform=SMALL)
+    with pytest.raises(RuntimeError, match="shards in a row could not be read"):
+        collect(loader, 1)
