@@ -216,3 +216,18 @@ def test_timm_pretrained_path_uses_official_layout(tmp_path):
     model = timm.create_model('internimage_t', pretrained=True, pretrained_cfg_overlay=overlay, drop_path_rate=0.0,
                               **kwargs)
     _assert_same(src, model)
+
+
+def test_assign_materialises_a_meta_model(tmp_path):
+    src = _model(0, **CLIP)
+    path = _save({'model': src.state_dict()}, tmp_path / 'big.pth')
+    with torch.device('meta'):
+        dst = InternImage(**{**TINY, **CLIP})
+    report = load_checkpoint(dst, path, assign=True, strict=True)
+    assert report.ok
+    assert not any(p.is_meta for p in dst.parameters()) and not any(b.is_meta for b in dst.buffers())
+    _assert_same(src, dst)
+    x = torch.randn(2, 3, 64, 64)
+    src.eval(), dst.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x))

@@ -234,6 +234,7 @@ def load_checkpoint(
         head_index: str | os.PathLike | Sequence[int] | torch.Tensor | None = None,
         strict: bool = False,
         use_ema: bool = False,
+        assign: bool = False,
 ) -> LoadReport:
     """Load a checkpoint file of any supported layout into ``model`` (in place) and report what happened.
 
@@ -243,13 +244,15 @@ def load_checkpoint(
         head_index: class-index file (or sequence) mapping a larger checkpoint head (21841) to the model's classes.
         strict: raise ``RuntimeError`` (with the report) if anything is missing, unexpected or mismatched.
         use_ema: prefer ``model_ema`` weights when the file has them.
+        assign: assign the checkpoint tensors instead of copying into the parameters; with a model built on the
+            meta device (``with torch.device('meta'):``) this materialises H/G without a second full copy in memory.
     Returns:
         the :class:`LoadReport`, also logged at INFO (WARNING when not everything matched).
     """
     sd, notes = read_state_dict(path, use_ema=use_ema)
     report = LoadReport(source=os.fspath(path), layout=notes)
     sd, report = convert_state_dict(sd, model, head_index=head_index, report=report)
-    result = model.load_state_dict(sd, strict=False)
+    result = model.load_state_dict(sd, strict=False, assign=assign)
     report.missing = list(result.missing_keys)
     report.unexpected = list(result.unexpected_keys)
     report.loaded = len(sd) - len(report.unexpected)
