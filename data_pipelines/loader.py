@@ -53,8 +53,6 @@ log = logging.getLogger("data_pipelines")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 _ITER_STATE_MARK = "__data_pipelines_iterator__"
 STATE_VERSION = 1
-# torchdata 0.11 calls a deprecated torch API on every iter(); the warning is noise for our users.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 @dataclass
@@ -518,7 +516,9 @@ def build_loader(sources: Sequence[SourceSpec] | SourceSpec, *, batch_size: int,
     kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
     # Non-persistent workers: each pass gets a fresh copy of the dataset (epoch) and no memory creeps across
     # epochs (webdataset#365); every batch carries its worker's state (snapshot_every_n_steps=1) for exactness.
-    return WebDatasetLoader(dataset, batch_size=batch_size, num_workers=num_workers, persistent_workers=False,
-                            pin_memory=pin_memory, drop_last=False, snapshot_every_n_steps=1,
-                            generator=torch.Generator().manual_seed(_stable_seed("loader", seed, rank)),
-                            **kwargs)
+    with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API in its constructor
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        return WebDatasetLoader(dataset, batch_size=batch_size, num_workers=num_workers, persistent_workers=False,
+                                pin_memory=pin_memory, drop_last=False, snapshot_every_n_steps=1,
+                                generator=torch.Generator().manual_seed(_stable_seed("loader", seed, rank)),
+                                **kwargs)
