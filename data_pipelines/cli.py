@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("input", help="input folder, shard folder / brace pattern, or table file")
     w.add_argument("output", help="output folder for the shards and manifest.json")
     w.add_argument("--samples-per-shard", type=int, default=1000)
+    w.add_argument("--shuffle-seed", type=int, default=0,
+                   help="seed of the sample order shuffle across shards (default 0); see --no-shuffle")
+    w.add_argument("--no-shuffle", action="store_true", help="keep the input order (e.g. an already shuffled source)")
     w.add_argument("--max-shard-bytes", type=_parse_bytes, default=1 << 30, help="e.g. 1GiB, 500MB (default 1GiB)")
     w.add_argument("--resize-max-side", type=int, default=None, metavar="PX",
                    help="re-encode images whose longer side exceeds PX as JPEG of that size")
@@ -71,6 +74,7 @@ def _write(args: argparse.Namespace) -> int:
 
     prefix = args.prefix or os.path.basename(os.path.normpath(args.output)) or "shard"
     options = writers.WriteOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+                                   shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
                                    resize_max_side_px=args.resize_max_side, jpeg_quality=args.jpeg_quality,
                                    num_workers=args.workers, progress=not args.no_progress, prefix=prefix,
                                    source_name=args.source_name or prefix)

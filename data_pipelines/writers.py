@@ -22,6 +22,7 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import re
 import tarfile
 from collections import Counter
@@ -82,9 +83,12 @@ class InputSample:
 @dataclass
 class WriteOptions:
     """How to write: shard limits (samples_per_shard, max_shard_bytes), optional resize on write to
-    ``resize_max_side_px`` re-encoded as JPEG at ``jpeg_quality``, parallel ``num_workers``, progress bar."""
+    ``resize_max_side_px`` re-encoded as JPEG at ``jpeg_quality``, parallel ``num_workers``, progress bar.
+    ``shuffle_seed`` shuffles the sample order across all shards before planning (None keeps the input order):
+    the loader mixes only a few shards at a time, so class-sorted input (ImageNet folders) must be shuffled here."""
 
     samples_per_shard: int = 1000
+    shuffle_seed: int | None = 0
     max_shard_bytes: int = 1 << 30
     resize_max_side_px: int | None = None
     jpeg_quality: int = 95
@@ -385,6 +389,9 @@ def write_shards(samples: Sequence[InputSample], out_dir: str, options: WriteOpt
     ``out_dir`` is refused.
     """
     os.makedirs(out_dir, exist_ok=True)
+    if options.shuffle_seed is not None:
+        samples = list(samples)
+        random.Random(options.shuffle_seed).shuffle(samples)
     plan = plan_shards(samples, samples_per_shard=options.samples_per_shard,
                        max_shard_bytes=options.max_shard_bytes, prefix=options.prefix)
     config = {"kind": kind, "input": input_desc, "options": asdict(options), "plan": _plan_fingerprint(plan, options)}

@@ -54,6 +54,13 @@ def test_imagefolder_filename_prefix_with_standard_class_map(tmp_path):
     listing = subprocess.run(["tar", "tf", os.path.join(out, "in1k-000000.tar")], capture_output=True, text=True,
                              check=True).stdout.split()
     assert len(listing) == 300 and all(n.endswith((".jpg", ".cls", ".json")) for n in listing)
+    # Class-sorted input is shuffled across shards (seeded), unless --no-shuffle.
+    first_sorted = {os.path.splitext(n)[0] for n in files[:100]}
+    assert set(read_tar(os.path.join(out, "in1k-000000.tar"))) != first_sorted
+    ordered = str(tmp_path / "ordered")
+    assert main(["write", "imagefolder", IMAGENET_SAMPLES, ordered, "--label-from", "filename-prefix",
+                 "--samples-per-shard", "100", "--no-shuffle", "--no-progress"]) == 0
+    assert set(read_tar(os.path.join(ordered, "ordered-000000.tar"))) == first_sorted
 
 
 def test_imagefolder_class_folders_json_class_map_and_unknown_class(tmp_path):
