@@ -452,6 +452,8 @@ class WebDatasetLoader(StatefulDataLoader):
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples per reason in the current pass, over all workers, as of the latest batch received."""
         total: dict[str, int] = {}
+        if getattr(self, "_iterator", None) is None and self.next_iter_state is None:
+            return total  # nothing read yet (and state_dict() would start workers just to say so)
         # The state_dict snapshot is taken when a batch is yielded, so it misses skips a worker made after its
         # last batch; torchdata's live per-worker states (private, hence the fallback) include them.
         live = getattr(getattr(self, "_iterator", None), "_worker_snapshots", None)
