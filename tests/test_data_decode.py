@@ -126,3 +126,11 @@ def test_eval_transform_and_mixup_shapes(cc12m_jpegs):
     mixed, targets = build_mixup(10)(images, torch.tensor([0, 1, 2, 3]))
     assert mixed.shape == images.shape and targets.shape == (4, 10)
     assert torch.allclose(targets.sum(1), torch.ones(4))
+
+
+def test_eval_fast_path_matches_pillow_path(cc12m_jpegs):
+    transform = build_eval_transform(224, crop_pct=0.875)
+    for data in cc12m_jpegs[:6]:
+        fast = transform.from_encoded(data)
+        slow = transform(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert (fast - slow).abs().mean().item() < 0.05

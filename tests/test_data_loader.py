@@ -282,3 +282,13 @@ def test_resampled_mode_with_no_readable_shard_fails_fast_instead_of_spinning(tm
                           num_workers=0, mode="resampled", transform=SMALL)
     with pytest.raises(RuntimeError, match="shards in a row could not be read"):
         collect(loader, 1)
+
+
+def test_set_epoch_reorders_the_same_samples(cc12m_dir):
+    loader = build_loader(SourceSpec("cc12m", os.path.join(cc12m_dir, CC12M_URLS)), batch_size=8, num_workers=0,
+                          seed=1, transform=tiny_tensor)
+    epoch0 = keys_of(collect(loader))
+    assert keys_of(collect(loader)) == epoch0  # same epoch, same order
+    loader.set_epoch(1)
+    epoch1 = keys_of(collect(loader))
+    assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)

@@ -200,3 +200,20 @@ def test_table_csv_with_paths_and_captions(tmp_path):
     for i, n in enumerate(names):
         assert written[f"{i:09d}"]["txt"].decode() == f"a photo of {n.split('_', 1)[1]}"
         assert int(written[f"{i:09d}"]["cls"]) == i
+
+
+def test_table_parquet_needs_pyarrow_or_reads_bytes(tmp_path):
+    names = sorted(os.listdir(IMAGENET_SAMPLES))[:3]
+    images = [open(os.path.join(IMAGENET_SAMPLES, n), "rb").read() for n in names]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        (tmp_path / "t.parquet").write_bytes(b"PAR1")
+        with pytest.raises(RuntimeError, match="needs pyarrow"):
+            main(["write", "table", str(tmp_path / "t.parquet"), str(tmp_path / "out"), "--no-progress"])
+        return
+    pq.write_table(pa.table({"image": images, "caption": [f"c{i}" for i in range(3)]}), tmp_path / "t.parquet")
+    assert main(["write", "table", str(tmp_path / "t.parquet"), str(tmp_path / "out"), "--no-progress"]) == 0
+    written = shard_samples(str(tmp_path / "out"))
+    assert sorted(p["jpg"] for p in written.values()) == sorted(images)
