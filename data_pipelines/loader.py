@@ -21,6 +21,7 @@ counts it per reason and logs shard + key (``errors.SkipCounter``). ``loader.ski
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -210,6 +211,7 @@ class WebDatasetStream(IterableDataset):
         self.max_image_pixels = max_image_pixels
         self.shards = resolve_shards(self.sources, need_counts=(mode == "epoch"))
         self.shard_weights = self._shard_weights()
+        self.shard_cum_weights = list(itertools.accumulate(self.shard_weights))
         self.fingerprint = _stable_seed([(s.url, s.samples) for s in self.shards])
 
     def _shard_weights(self) -> list[float]:
@@ -279,7 +281,7 @@ class _WorkerIterator:
                 self.next_segment += 1
         else:
             while len(self.slots) < ds.interleave_shards:
-                (index,) = self.rng.choices(range(len(ds.shards)), weights=ds.shard_weights)
+                (index,) = self.rng.choices(range(len(ds.shards)), cum_weights=ds.shard_cum_weights)
                 shard = ds.shards[index]
                 self.slots.append(_Slot(shard.url, shard.source, 0, None))
                 self.next_segment += 1
@@ -296,7 +298,6 @@ class _WorkerIterator:
             if not self.slots:
                 raise StopIteration
             slot = self.slots[self.rng.randrange(len(self.slots))]
-            key = None
             try:
                 raw = next(slot.open())
             except StopIteration:
