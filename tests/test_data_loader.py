@@ -292,3 +292,20 @@ def test_set_epoch_reorders_the_same_samples(cc12m_dir):
     loader.set_epoch(1)
     epoch1 = keys_of(collect(loader))
     assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)
+
+
+@pytest.mark.slow
+def test_resumed_loader_goes_on_to_the_next_epoch(cc12m_dir):
+    source = SourceSpec("cc12m", os.path.join(cc12m_dir, CC12M_URLS))
+
+    def make_loader(epoch: int):
+        return build_loader(source, batch_size=3, num_workers=2, transform=tiny_tensor, epoch=epoch, seed=9)
+
+    epoch0, epoch1 = keys_of(collect(make_loader(0))), keys_of(collect(make_loader(1)))
+    first = make_loader(0)
+    head = keys_of(collect(first, 4))
+    resumed = make_loader(0)
+    resumed.load_state_dict(first.state_dict())
+    assert head + keys_of(collect(resumed)) == epoch0
+    resumed.set_epoch(1)
+    assert keys_of(collect(resumed)) == epoch1
