@@ -12,7 +12,10 @@ Two measurements, one command::
   ratio of the medians.
 * ``memory``: one forward + backward of ``internimage_b`` at batch 16, 224x224, each configuration (no
   checkpointing; per-block checkpointing) in a fresh subprocess; reports the process peak RSS (``VmHWM``), the RSS
-  after building the model, and the growth during the step (activations + gradients + workspace).
+  after building the model, and the growth during the step (activations + gradients + workspace). By default the
+  subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed blocks to the system and the
+  peak RSS is the peak of live memory; with glibc's dynamic threshold (``--mmap-threshold 0``) freed blocks below
+  32 MiB stay in the heap and the peak RSS also counts that fragmentation (it hides most of what checkpointing saves).
 
 ``--threads`` (default 1) sets torch's intra-op threads for every measurement: on a shared 2-core machine, two
 OpenMP threads competing with other processes make timings much noisier (and slower) than one.
@@ -92,14 +95,18 @@ def _memory_child(batch: int, checkpointing: bool, core_op: str) -> dict:
             'peak_rss_mib': _rss_kib('VmHWM') / 1024, 'step_s': seconds}
 
 
-def bench_memory(batch: int, threads: int, core_op: str) -> list[dict]:
+def bench_memory(batch: int, threads: int, core_op: str, mmap_threshold: int) -> list[dict]:
+    env = dict(os.environ)
+    if mmap_threshold > 0:
+        env['MALLOC_MMAP_THRESHOLD_'] = str(mmap_threshold)
     rows = []
     for checkpointing in (False, True):
         cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', str(int(checkpointing)),
                '--mem-batch', str(batch), '--threads', str(threads), '--core-op', core_op]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         row = json.loads(out.strip().splitlines()[-1])
         row['step_growth_mib'] = row['peak_rss_mib'] - row['rss_after_build_mib']
+        row['malloc_mmap_threshold'] = mmap_threshold or 'glibc default (dynamic)'
         rows.append(row)
     return rows
 
@@ -111,6 +118,8 @@ def main() -> None:
     parser.add_argument('--mem-batch', type=int, default=16)
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--core-op', default='DCNv3', choices=['DCNv3', 'DCNv3_pytorch'])
+    parser.add_argument('--mmap-threshold', type=int, default=65536,
+                        help='MALLOC_MMAP_THRESHOLD_ for the memory subprocesses (0: glibc default)')
     parser.add_argument('--skip-time', action='store_true')
     parser.add_argument('--skip-memory', action='store_true')
     parser.add_argument('--json', action='store_true')
@@ -133,7 +142,7 @@ def main() -> None:
     if not args.skip_time:
         result['time'] = bench_time(args.steps, args.batch, args.core_op)
     if not args.skip_memory:
-        result['memory'] = bench_memory(args.mem_batch, args.threads, args.core_op)
+        result['memory'] = bench_memory(args.mem_batch, args.threads, args.core_op, args.mmap_threshold)
 
     if args.json:
         print(json.dumps(result, indent=2))
@@ -147,7 +156,8 @@ def main() -> None:
         print(f"  ratio InternImage-T / ConvNeXt-T: {t['ratio_internimage_over_convnext']:.2f}")
     if 'memory' in result:
         rows = result['memory']
-        print(f'\nInternImage-B fwd+bwd, batch {rows[0]["batch"]}, 224x224, one subprocess per row:')
+        print(f'\nInternImage-B fwd+bwd, batch {rows[0]["batch"]}, 224x224, one subprocess per row, '
+              f'MALLOC_MMAP_THRESHOLD_={rows[0]["malloc_mmap_threshold"]}:')
         for r in rows:
             print(f"  checkpointing={str(r['checkpointing']):5s}  peak RSS {r['peak_rss_mib']:8.0f} MiB   "
                   f"after build {r['rss_after_build_mib']:6.0f} MiB   growth in step {r['step_growth_mib']:8.0f} MiB"
