@@ -90,13 +90,18 @@ class _Slot:
     stop: int | None
     consumed: int = 0
     to_end: bool = True  # read on to the end of the tar after ``stop`` so that a truncation is reported
+    next_offset_bytes: int | None = None  # where sample start + consumed begins (local uncompressed tars)
     reader: Iterator[dict] | None = field(default=None, repr=False)
 
     def open(self) -> Iterator[dict]:
         if self.reader is None:
             remaining = None if self.stop is None else self.stop - self.start - self.consumed
-            self.reader = iter_tar_samples(self.url, skip_samples=self.start + self.consumed, max_samples=remaining,
-                                           check_end=self.to_end)
+            if self.consumed and self.next_offset_bytes is not None:  # resume: seek instead of reading past
+                self.reader = iter_tar_samples(self.url, start_offset_bytes=self.next_offset_bytes,
+                                               max_samples=remaining, check_end=self.to_end)
+            else:
+                self.reader = iter_tar_samples(self.url, skip_samples=self.start + self.consumed,
+                                               max_samples=remaining, check_end=self.to_end)
         return self.reader
 
 
@@ -313,6 +318,7 @@ class _WorkerIterator:
                                        f"{slot.url}: {e}); check the URLs and credentials") from e
                 continue
             slot.consumed += 1
+            slot.next_offset_bytes = raw.pop("__next_offset__", None)
             self.failed_shards_in_a_row = 0
             self.n_processed += 1
             key = raw["__key__"]
@@ -350,7 +356,8 @@ class _WorkerIterator:
             "worker_id": self.worker_id, "num_workers": self.num_workers, "fingerprint": ds.fingerprint,
             "epoch": self.epoch,
             "next_segment": self.next_segment,
-            "slots": [(s.url, s.source, s.start, s.stop, s.consumed, s.to_end) for s in self.slots],
+            "slots": [(s.url, s.source, s.start, s.stop, s.consumed, s.to_end, s.next_offset_bytes)
+                      for s in self.slots],
             "rng": self.rng.getstate(),
             "n_processed": self.n_processed,
             "n_yielded": self.n_yielded,

@@ -71,15 +71,20 @@ def open_url(url: str) -> IO[bytes]:
 
 
 def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None = None,
-                     check_end: bool = False) -> Iterator[dict]:
+                     check_end: bool = False, start_offset_bytes: int = 0) -> Iterator[dict]:
     """Yield the samples of the tar shard at ``url`` (plain or gzip-compressed), in tar order.
 
     ``skip_samples`` samples are read past without being yielded (used to resume); at most ``max_samples`` are
     yielded after them. With ``check_end`` the rest of the tar is still read after the last yielded sample, so a
-    truncation there is reported. Raises SkipSample(``unreadable_shard`` | ``truncated_tar``) after the last good
-    sample.
+    truncation there is reported. ``start_offset_bytes`` starts reading a local uncompressed tar at that byte
+    (a sample boundary that an earlier read reported). Each sample carries ``__next_offset__``: the byte offset of
+    the next sample in a local uncompressed tar, else None. Raises SkipSample(``unreadable_shard`` |
+    ``truncated_tar``) after the last good sample.
     """
     stream = open_url(url)
+    if start_offset_bytes:
+        stream.seek(start_offset_bytes)
+    seekable = not isinstance(stream, _PipeStream)
     n_seen = 0  # samples completed, including skipped ones
     limit = None if max_samples is None else skip_samples + max_samples
     current: dict | None = None
@@ -98,6 +103,8 @@ def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None
                 key, ext = parts
                 if current is not None and current["__key__"] != key:
                     if n_seen >= skip_samples:
+                        plain = seekable and getattr(tar.fileobj, "comptype", None) == "tar"
+                        current["__next_offset__"] = start_offset_bytes + member.offset if plain else None
                         yield current
                     n_seen += 1
                     current = None
@@ -114,6 +121,7 @@ def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None
                         raise tarfile.ReadError("unexpected end of data")
             if current is not None and (limit is None or n_seen < limit):
                 if n_seen >= skip_samples:
+                    current["__next_offset__"] = None
                     yield current
             if isinstance(stream, _PipeStream):
                 status = stream.close()

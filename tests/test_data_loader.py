@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -309,3 +310,33 @@ def test_resumed_loader_goes_on_to_the_next_epoch(cc12m_dir):
     assert head + keys_of(collect(resumed)) == epoch0
     resumed.set_epoch(1)
     assert keys_of(collect(resumed)) == epoch1
+
+
+@pytest.mark.slow
+def test_resume_seeks_to_the_saved_byte_offset(cc12m_dir, tmp_path):
+    """Resuming must not re-read what was consumed: zero the consumed part of the open shards after saving."""
+    from data_pipelines.loader import _iterator_states
+
+    copy = tmp_path / "cc12m"
+    shutil.copytree(cc12m_dir, copy)
+    source = SourceSpec("cc12m", str(copy / CC12M_URLS))
+
+    def make_loader():  # batch 4: each worker's range is whole shards, so no other worker reads the erased bytes
+        return build_loader(source, batch_size=4, num_workers=2, transform=tiny_tensor, seed=5)
+
+    reference = keys_of(collect(make_loader()))
+    first = make_loader()
+    head = keys_of(collect(first, 3))
+    state = first.state_dict()
+    erased = 0
+    for worker_state in _iterator_states(state):
+        for url, _source, _start, _stop, consumed, _to_end, offset_bytes in worker_state["slots"]:
+            if consumed and offset_bytes:
+                with open(url, "r+b") as f:
+                    f.write(b"\0" * offset_bytes)
+                erased += 1
+    assert erased >= 1
+    resumed = make_loader()
+    resumed.load_state_dict(state)
+    assert head + keys_of(collect(resumed)) == reference
+    assert resumed.skip_counts() == {}
