@@ -102,6 +102,7 @@ def test_bad_samples_skipped_with_counts_per_reason(bad_shards):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_check_cli_reports_good_and_skipped_with_workers(bad_shards):
     urls, expected_keys, expected_skips = bad_shards
     result = subprocess.run([sys.executable, "-m", "data_pipelines", "check", "::".join(urls), "--json",
@@ -182,6 +183,7 @@ def _resume_matches(make_loader, stop_after: int, total_batches: int | None) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("stop_after", [2, 5])
 def test_epoch_mode_resume_is_exact(cc12m_dir, stop_after):
     urls = os.path.join(cc12m_dir, CC12M_URLS)
@@ -194,6 +196,7 @@ def test_epoch_mode_resume_is_exact(cc12m_dir, stop_after):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_resampled_mode_resume_is_exact(cc12m_dir, mnist_dir):
     sources = [SourceSpec("cc12m", os.path.join(cc12m_dir, CC12M_URLS)),
                SourceSpec("mnist", os.path.join(mnist_dir, "mnist-{000000..000002}.tar"))]
@@ -296,6 +299,7 @@ def test_set_epoch_reorders_the_same_samples(cc12m_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_resumed_loader_goes_on_to_the_next_epoch(cc12m_dir):
     source = SourceSpec("cc12m", os.path.join(cc12m_dir, CC12M_URLS))
 
@@ -313,6 +317,7 @@ def test_resumed_loader_goes_on_to_the_next_epoch(cc12m_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_resume_seeks_to_the_saved_byte_offset(cc12m_dir, tmp_path):
     """Resuming must not re-read what was consumed: zero the consumed part of the open shards after saving."""
     from data_pipelines.loader import _iterator_states
