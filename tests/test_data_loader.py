@@ -345,3 +345,23 @@ def test_resume_seeks_to_the_saved_byte_offset(cc12m_dir, tmp_path):
     resumed.load_state_dict(state)
     assert head + keys_of(collect(resumed)) == reference
     assert resumed.skip_counts() == {}
+
+
+@pytest.mark.slow
+def test_resume_in_the_main_process_is_exact(cc12m_dir, bad_shards):
+    """num_workers=0 (state held by the iterator in this process), on shards with bad samples and a truncation."""
+    urls = [os.path.join(cc12m_dir, "cc12m-000000.tar")] + bad_shards[0]
+
+    def make_loader():
+        return build_loader(SourceSpec("mixed", urls), batch_size=3, num_workers=0, seed=8, transform=SMALL,
+                            tokenizer="ViT-B-32", max_image_pixels=MAX_PIXELS)
+
+    _resume_matches(make_loader, 2, None)
+    full = make_loader()
+    collect(full)
+    first = make_loader()
+    collect(first, 2)
+    resumed = make_loader()
+    resumed.load_state_dict(first.state_dict())
+    collect(resumed)
+    assert resumed.skip_counts() == full.skip_counts() == dict(sorted(bad_shards[2].items()))
