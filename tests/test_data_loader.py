@@ -220,6 +220,7 @@ def test_resume_with_other_workers_is_refused(cc12m_dir):
         other_seed.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_resampled_mixing_weights_and_seeding(mnist_dir):
     source_a = SourceSpec("a", os.path.join(mnist_dir, "mnist-{000000..000001}.tar"), weight=3.0)
     source_b = SourceSpec("b", os.path.join(mnist_dir, "mnist-000002.tar"), weight=1.0)
