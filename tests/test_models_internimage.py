@@ -281,25 +281,31 @@ def test_grad_checkpointing_gives_equal_grads(variant, every):
     ref = grads()
     model.set_grad_checkpointing(True, every=every)
     flags = [b.grad_checkpointing for lvl in model.levels for b in lvl.blocks]
-    assert flags == [i % every == 0 for i in range(len(flags))]
+    assert flags == [i % every == 0 for i in range(len(flags))] and model.stem_checkpointing
     ckpt = grads()
     for n in ref:
         torch.testing.assert_close(ckpt[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
     model.set_grad_checkpointing(False)
     assert not any(b.grad_checkpointing for lvl in model.levels for b in lvl.blocks)
+    assert not model.stem_checkpointing
 
 
 def test_checkpointing_recomputes_blocks_and_with_cp_enables_it():
     model = _tiny(with_cp=True).train()
     assert all(b.grad_checkpointing for lvl in model.levels for b in lvl.blocks)
     calls = []
-    model.levels[0].blocks[0].dcn.register_forward_hook(lambda *a: calls.append(1))
+    model.levels[0].blocks[0].dcn.register_forward_hook(lambda *a: calls.append('dcn'))
+    model.patch_embed.conv1.register_forward_hook(lambda *a: calls.append('stem'))
     model(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert len(calls) == 2  # forward + recompute in backward
+    assert sorted(calls) == ['dcn', 'dcn', 'stem', 'stem']  # forward + recompute in backward
     calls.clear()
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))
-    assert len(calls) == 1
+    assert sorted(calls) == ['dcn', 'stem']
+    # a BatchNorm stem is never recomputed (its running statistics would be updated twice)
+    bn = InternImage(**{**TINY, 'norm_layer': 'BN'})
+    bn.set_grad_checkpointing(True)
+    assert not bn.stem_checkpointing and bn.levels[0].blocks[0].grad_checkpointing
 
 
 # ------------------------------------------------------------------------------------------------ timm interface

@@ -468,6 +468,8 @@ class InternImage(nn.Module):
             self.head = nn.Linear(CLIP_EMBED_DIM, num_classes) if num_classes > 0 else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.num_layers = len(depths)
+        self.stem_checkpointing = False
+        self.set_grad_checkpointing(with_cp)
 
         self.apply(self._init_weights)
         self.apply(self._init_deform_weights)
@@ -526,12 +528,16 @@ class InternImage(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
-        """Per-block non-reentrant activation checkpointing.
+        """Per-block non-reentrant activation checkpointing (plus the stem when it has no BatchNorm).
 
         ``every=k`` checkpoints every k-th block (global block index ``% k == 0``), trading memory for recompute.
+        The stem runs at stride 2-4, where its activations are the largest of the network; recomputing it costs
+        ~1% of the FLOPs. (BatchNorm stems are not checkpointed: recomputation would update running stats twice.)
         """
         if every < 1:
             raise ValueError(f'every must be >= 1, got {every}')
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.patch_embed.modules())
+        self.stem_checkpointing = bool(enable) and not has_bn
         idx = 0
         for level in self.levels:
             for blk in level.blocks:
@@ -551,19 +557,22 @@ class InternImage(nn.Module):
         if global_pool not in (None, '', 'avg'):
             raise ValueError(f'InternImage supports only average / attention pooling, got global_pool={global_pool!r}')
         self.num_classes = num_classes
-        device, dtype = self.head_device_dtype()
+        device, dtype = self._param_device_dtype()
         self.head = (nn.Linear(self.head_hidden_size, num_classes, device=device, dtype=dtype)
                      if num_classes > 0 else nn.Identity())
         if num_classes > 0:
             self._init_weights(self.head)
 
-    def head_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+    def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         p = next(self.patch_embed.parameters())
         return p.device, p.dtype
 
     def _levels_forward(self, x: torch.Tensor, max_level: int | None = None) -> list[torch.Tensor]:
         """Stem + levels; returns each level's output before downsampling, NHWC ``(B, H/4/2^i, W/4/2^i, C_i)``."""
-        x = self.patch_embed(x)
+        if self.stem_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = torch.utils.checkpoint.checkpoint(self.patch_embed, x, use_reentrant=False)
+        else:
+            x = self.patch_embed(x)
         x = self.pos_drop(x)
         outs = []
         for i, level in enumerate(self.levels):
