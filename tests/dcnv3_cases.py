@@ -57,6 +57,7 @@ SHAPES = {
     "gc5": (2, 7, 7, 3, 5, 3, 1, 1, 1, 1.0, False, 2.0),
     "gc30": (2, 6, 6, 2, 30, 3, 1, 1, 1, 1.0, False, 2.0),
     "gc71": (1, 6, 5, 2, 71, 3, 1, 1, 1, 2.0, True, 2.0),
+    "gc32": (2, 5, 6, 3, 32, 3, 1, 1, 1, 1.0, False, 2.0),  # InternImage-H/G's group width
     "outside": (2, 6, 6, 2, 4, 3, 1, 1, 1, 1.0, False, 12.0),  # most samples fall outside the image
     "all_mixed": (1, 12, 11, 2, 6, 3, 2, 2, 2, 2.0, True, 3.0),
 }
@@ -65,7 +66,8 @@ SHAPES = {
 def make_inputs(shape, dtype=torch.float64, seed=0, device="cpu", off_grid=False):
     """Random inputs for one SHAPES entry. ``off_grid`` keeps every offset's fractional part in [0.1, 0.4] so that
     sampling locations (also at offset_scale 2) never land on integer pixels, where bilinear sampling has a kink and
-    the offset gradient is one-sided: coarse bf16/fp16 offsets would otherwise hit them often."""
+    the offset gradient is one-sided: coarse bf16/fp16 offsets hit them often, and float32 rounding of a float64 offset
+    occasionally moves a location across one."""
     n, h, w, g, d, k, s, p, dil, osc, rc, std = shape
     gen = torch.Generator().manual_seed(seed)
     points = k * k - int(rc)

@@ -66,7 +66,7 @@ def test_cpu_kernel_gradcheck(cpu_kernel, name):
 
 @pytest.mark.parametrize("name", ["base", "all_mixed", "gc71"])
 def test_cpu_kernel_float32(cpu_kernel, name):
-    tensors64, args = make_inputs(SHAPES[name])
+    tensors64, args = make_inputs(SHAPES[name], off_grid=True)
     tensors = [t.detach().float().requires_grad_() for t in tensors64]
     ref_out, ref_grads = forward_backward(dcnv3_core_pytorch, tensors64, args)
     out, grads = forward_backward(dcnv3_core, tensors, args, backend="cpu")
@@ -96,7 +96,7 @@ def test_cpu_kernel_low_precision(cpu_kernel, name, dtype):
 
 def test_cpu_kernel_float32_offsets_with_bf16_input(cpu_kernel):
     """Under autocast softmax returns float32 masks; they stay float32 and get float32 gradients."""
-    tensors, args = make_inputs(SHAPES["base"], dtype=torch.float32)
+    tensors, args = make_inputs(SHAPES["base"], dtype=torch.float32, off_grid=True)
     x = tensors[0].detach().bfloat16().requires_grad_()
     out, grads = forward_backward(dcnv3_core, [x, tensors[1], tensors[2]], args, backend="cpu")
     assert out.dtype == torch.bfloat16 and grads[1].dtype == torch.float32 and grads[2].dtype == torch.float32
@@ -127,19 +127,30 @@ def test_cpu_kernel_non_contiguous(cpu_kernel):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-def test_bad_arguments_name_the_problem(cpu_kernel):
+@pytest.mark.parametrize("backend", ["pytorch", "cpu"])
+def test_bad_arguments_name_the_problem(cpu_kernel, backend):
     tensors, args = make_inputs(SHAPES["base"])
     x, offset, mask = (t.detach() for t in tensors)
-    with pytest.raises(RuntimeError, match="group \\* group_channels"):
-        dcnv3_core(x[..., :-1], offset, mask, *args, backend="cpu")
-    with pytest.raises(RuntimeError, match="offset must have shape"):
-        dcnv3_core(x, offset[..., :-2], mask, *args, backend="cpu")
-    with pytest.raises(RuntimeError, match="mask must have shape"):
-        dcnv3_core(x, offset, mask[:, :-1], *args, backend="cpu")
+    with pytest.raises(ValueError, match="group \\* group_channels"):
+        dcnv3_core(x[..., :-1], offset, mask, *args, backend=backend)
+    with pytest.raises(ValueError, match="offset must have shape"):
+        dcnv3_core(x, offset[..., :-2], mask, *args, backend=backend)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        dcnv3_core(x, offset, mask[:, :-1], *args, backend=backend)
+    with pytest.raises(ValueError, match="remove_center needs an odd kernel"):
+        dcnv3_core(x, offset, mask, 2, 2, 1, 1, 1, 1, 1, 1, 4, 16, 1.0, True, backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         dcnv3_core(x, offset, mask, *args, backend="triton")
     with pytest.raises(ValueError, match="cannot run tensors on cpu"):
         dcnv3_core(x, offset, mask, *args, backend="cuda")
+
+
+def test_extension_checks_are_a_backstop(cpu_kernel):
+    """Called directly, the extension still refuses bad shapes with a message (no crash, no silent overrun)."""
+    tensors, args = make_inputs(SHAPES["base"])
+    x, offset, mask = (t.detach() for t in tensors)
+    with pytest.raises(RuntimeError, match="offset must have shape"):
+        build.load_cpu().forward(x, offset[..., :-2], mask, *args)
 
 
 @pytest.mark.parametrize("center_feature_scale", [False, True])

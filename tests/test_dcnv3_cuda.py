@@ -38,13 +38,13 @@ def test_cuda_float64(cuda_kernel, name):
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_cuda_float32(cuda_kernel, name):
-    ref, args = make_inputs(SHAPES[name])
+    ref, args = make_inputs(SHAPES[name], off_grid=True)
     dev = [t.detach().float().cuda().requires_grad_() for t in ref]
     _compare(dev, args, ref, 1e-5, 1e-5, 1e-4, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["base", "all_mixed", "gc71", "kernel5_rc"])
+@pytest.mark.parametrize("name", ["base", "all_mixed", "gc71", "gc32", "kernel5_rc"])
 def test_cuda_low_precision(cuda_kernel, name, dtype):
     low, args = make_inputs(SHAPES[name], dtype=dtype, off_grid=True)
     ref = [t.detach().double().requires_grad_() for t in low]
@@ -55,7 +55,7 @@ def test_cuda_low_precision(cuda_kernel, name, dtype):
 
 @pytest.mark.parametrize("batch", [1, 257, 300])
 def test_cuda_any_batch_size(cuda_kernel, batch):
-    ref, args = make_inputs((batch, 6, 5, 2, 16, 3, 1, 1, 1, 1.0, False, 2.0))
+    ref, args = make_inputs((batch, 6, 5, 2, 16, 3, 1, 1, 1, 1.0, False, 2.0), off_grid=True)
     dev = [t.detach().float().cuda().requires_grad_() for t in ref]
     _compare(dev, args, ref, 1e-5, 1e-5, 1e-4, 1e-5)
 
@@ -69,7 +69,7 @@ def test_cuda_non_contiguous(cuda_kernel):
 
 def test_cuda_matches_cpu_kernel_at_internimage_t_stage1(cuda_kernel):
     """One kernel header, two devices: the same float32 results at a real model shape."""
-    tensors, args = make_inputs((4, 56, 56, 4, 16, 3, 1, 1, 1, 1.0, False, 2.0), dtype=torch.float32)
+    tensors, args = make_inputs((4, 56, 56, 4, 16, 3, 1, 1, 1, 1.0, False, 2.0), dtype=torch.float32, off_grid=True)
     cpu_out, cpu_grads = forward_backward(dcnv3_core, tensors, args, backend="cpu")
     dev = [t.detach().cuda().requires_grad_() for t in tensors]
     out, grads = forward_backward(dcnv3_core, dev, args, backend="cuda")

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from pretrain.ops import build
-from pretrain.ops.reference import dcnv3_core_pytorch
+from pretrain.ops.reference import dcnv3_core_pytorch, output_size
 
 BACKENDS = ("auto", "pytorch", "cpu", "cuda")
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -59,6 +59,33 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     raise RuntimeError(f"DCNv3 {kind} kernel unavailable: {build.failure(kind)}")
 
 
+def check_arguments(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
+                    stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
+                    group_channels: int, remove_center: bool) -> None:
+    """Raises ValueError naming the argument at fault; the same checks for every backend."""
+    if min(kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w) < 1 or min(pad_h, pad_w) < 0:
+        raise ValueError("DCNv3: kernel, stride and dilation must be positive and padding non-negative")
+    if remove_center and (kernel_h % 2 == 0 or kernel_w % 2 == 0):
+        raise ValueError(f"DCNv3: remove_center needs an odd kernel, got {kernel_h}x{kernel_w}")
+    if input.dim() != 4 or offset.dim() != 4 or mask.dim() != 4:
+        raise ValueError(f"DCNv3: input, offset and mask must be NHWC 4-d tensors, got shapes {tuple(input.shape)}, "
+                         f"{tuple(offset.shape)}, {tuple(mask.shape)}")
+    n, h, w, c = input.shape
+    if c != group * group_channels:
+        raise ValueError(f"DCNv3: input has {c} channels but group * group_channels = {group} * {group_channels}")
+    points = kernel_h * kernel_w - int(remove_center)
+    h_out = output_size(h, kernel_h, stride_h, pad_h, dilation_h)
+    w_out = output_size(w, kernel_w, stride_w, pad_w, dilation_w)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"DCNv3: empty output for input of shape {tuple(input.shape)}")
+    for name, tensor, channels in (("offset", offset, group * points * 2), ("mask", mask, group * points)):
+        if tuple(tensor.shape) != (n, h_out, w_out, channels):
+            raise ValueError(f"DCNv3: {name} must have shape {(n, h_out, w_out, channels)} for input "
+                             f"{tuple(input.shape)}, got {tuple(tensor.shape)}")
+        if tensor.device != input.device:
+            raise ValueError(f"DCNv3: {name} is on {tensor.device} but input is on {input.device}")
+
+
 def dcnv3_core(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
                stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
                group_channels: int, offset_scale: float, remove_center: bool | int,
@@ -71,6 +98,8 @@ def dcnv3_core(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, ke
     kept in float32; otherwise they are cast to the input's dtype. Accumulation is in float32 (float64 for double).
     """
     remove_center = bool(remove_center)
+    check_arguments(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+                    group, group_channels, remove_center)
     chosen = resolve_backend(backend, input.device)
     if chosen == "pytorch":
         return dcnv3_core_pytorch(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
