@@ -8,8 +8,8 @@ Two measurements, one command::
   i.e. the fused CPU kernel when it builds; ``DCNv3_pytorch`` = the grid_sample reference, as the official
   pure-PyTorch op) and timm ``convnext_tiny``, both in train mode with drop_path_rate 0.1, batch 8, 224x224, random
   inputs. Steps alternate between the two models in the same process so that load from other processes on a
-  shared machine hits both alike; after one warm-up step each, the median of ``--steps`` steps is reported, and the
-  ratio of the medians.
+  shared machine hits both alike; after one warm-up step each, the median and the minimum of ``--steps`` steps are
+  reported, and the ratios of both (load from other processes only adds time, so the minimum is the less noisy).
 * ``memory``: one forward + backward of ``internimage_b`` at batch 16, 224x224, each configuration (no
   checkpointing; per-block checkpointing) in a fresh subprocess; reports the process peak RSS (``VmHWM``), the RSS
   after building the model, and the growth during the step (activations + gradients + workspace). By default the
@@ -73,13 +73,16 @@ def bench_time(steps: int, batch: int, core_op: str) -> dict:
         for name, model in models.items():
             times[name].append(_train_step(model, x, y))
     medians = {name: statistics.median(t) for name, t in times.items()}
+    minima = {name: min(t) for name, t in times.items()}
     names = list(models)
     return {
         'batch': batch, 'steps': steps,
         'median_s': medians,
+        'min_s': minima,
         'all_s': times,
         'params_m': {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()},
         'ratio_internimage_over_convnext': medians[names[0]] / medians[names[1]],
+        'ratio_of_minima': minima[names[0]] / minima[names[1]],
     }
 
 
@@ -150,10 +153,12 @@ def main() -> None:
     print(f"machine: {result['machine']}")
     if 'time' in result:
         t = result['time']
-        print(f"\nfwd+bwd step, CPU, batch {t['batch']}, 224x224, median of {t['steps']} alternating steps:")
+        print(f"\nfwd+bwd step, CPU, batch {t['batch']}, 224x224, {t['steps']} alternating steps:")
         for name, s in t['median_s'].items():
-            print(f'  {name:28s} {s:7.3f} s   ({t["params_m"][name]:.1f}M params)')
-        print(f"  ratio InternImage-T / ConvNeXt-T: {t['ratio_internimage_over_convnext']:.2f}")
+            print(f'  {name:28s} median {s:7.3f} s   min {t["min_s"][name]:7.3f} s   '
+                  f'({t["params_m"][name]:.1f}M params)')
+        print(f"  ratio InternImage-T / ConvNeXt-T: {t['ratio_internimage_over_convnext']:.2f} (medians), "
+              f"{t['ratio_of_minima']:.2f} (minima)")
     if 'memory' in result:
         rows = result['memory']
         print(f'\nInternImage-B fwd+bwd, batch {rows[0]["batch"]}, 224x224, one subprocess per row, '
