@@ -8,9 +8,10 @@ Two extensions, built just in time on first use and cached (or ahead of time wit
 * ``dcnv3_cuda_<archs>``: the CUDA kernel for the architectures in ``DCNV3_CUDA_ARCH_LIST`` (default ``8.0;9.0``,
   i.e. A100 and H100); falls back to ``TORCH_CUDA_ARCH_LIST`` when that is set instead.
 
-Environment: ``DCNV3_BUILD_DIR`` (cache root, default ``~/.cache/internimage_pretrain``), ``CUDA_HOME`` (defaults to
-``/usr/local/cuda`` when it exists), ``DCNV3_VERBOSE_BUILD=1`` to see compiler output.
-A failed build is remembered with its reason; the operator then falls back to the reference with one warning.
+Environment: ``DCNV3_CSRC`` (the csrc/dcnv3 folder; default beside the package), ``DCNV3_BUILD_DIR`` (cache root,
+default ``~/.cache/internimage_pretrain``), ``CUDA_HOME`` (defaults to ``/usr/local/cuda`` when it exists),
+``DCNV3_VERBOSE_BUILD=1`` to see compiler output. A failed build is remembered with its reason; the operator then
+falls back to the reference with one warning.
 """
 
 from __future__ import annotations
@@ -72,11 +73,19 @@ def _build(name: str, sources: list[Path], cuda: bool) -> ModuleType:
         if not os.environ.get("CUDA_HOME") and Path("/usr/local/cuda").is_dir():
             os.environ["CUDA_HOME"] = "/usr/local/cuda"
             cpp_extension.CUDA_HOME = "/usr/local/cuda"
-        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
         kwargs["extra_cuda_cflags"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["extra_include_paths"] += _cuda_include_paths()
-    else:
-        kwargs["extra_ldflags"] = []
+        # cpp_extension reads the architectures from the environment; set them for this build only, so that other
+        # extensions built later in the process (DeepSpeed's ops) keep the user's choice.
+        saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+        try:
+            return cpp_extension.load(**kwargs)
+        finally:
+            if saved is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = saved
     return cpp_extension.load(**kwargs)
 
 
