@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "dcnv3_host.h"
@@ -11,17 +12,22 @@
 namespace dcnv3 {
 namespace {
 
-template <typename scalar_t, typename offset_t>
+// kChannels > 0: group_channels known at compile time (the widths InternImage uses), so the channel loops unroll
+// into fixed-width vector code and the accumulator lives in registers; 0: any width.
+template <typename scalar_t, typename offset_t, int kChannels>
 void forward_cpu_impl(const Geometry& geo, const scalar_t* input, const offset_t* offset, const offset_t* mask,
                       scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = geo.channels(), D = geo.group_channels, P = geo.points, G = geo.group;
+  const int64_t C = geo.channels(), P = geo.points, G = geo.group;
+  const int64_t D = kChannels > 0 ? kChannels : geo.group_channels;
   const int64_t positions = geo.batch * geo.height_out * geo.width_out;
   const int64_t hw_in = geo.height_in * geo.width_in;
   // Grain: enough positions per task to amortise scheduling, few enough to balance.
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, G * P * D / 16));
   at::parallel_for(0, positions, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(D);
+    acc_t fixed[kChannels > 0 ? kChannels : 1];
+    std::vector<acc_t> dynamic(kChannels > 0 ? 0 : D);
+    acc_t* acc = kChannels > 0 ? fixed : dynamic.data();
     for (int64_t pos = begin; pos < end; ++pos) {
       const int64_t n = pos / (geo.height_out * geo.width_out);
       const int64_t hw = pos % (geo.height_out * geo.width_out);
@@ -30,7 +36,7 @@ void forward_cpu_impl(const Geometry& geo, const scalar_t* input, const offset_t
       const offset_t* mask_pos = mask + pos * G * P;
       scalar_t* out_pos = output + pos * C;
       for (int64_t g = 0; g < G; ++g) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t c = 0; c < D; ++c) acc[c] = acc_t(0);
         const scalar_t* data = input + n * hw_in * C + g * D;
         for (int64_t p = 0; p < P; ++p) {
           const acc_t m = static_cast<acc_t>(mask_pos[g * P + p]);
@@ -44,11 +50,10 @@ void forward_cpu_impl(const Geometry& geo, const scalar_t* input, const offset_t
           const scalar_t* v1 = data + t.index[1] * C;
           const scalar_t* v2 = data + t.index[2] * C;
           const scalar_t* v3 = data + t.index[3] * C;
-          acc_t* a = acc.data();
 #pragma omp simd
           for (int64_t c = 0; c < D; ++c) {
-            a[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
-                    w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
+            acc[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
+                      w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
           }
         }
         for (int64_t c = 0; c < D; ++c) out_pos[g * D + c] = static_cast<scalar_t>(acc[c]);
@@ -57,7 +62,7 @@ void forward_cpu_impl(const Geometry& geo, const scalar_t* input, const offset_t
   });
 }
 
-template <typename scalar_t, typename offset_t>
+template <typename scalar_t, typename offset_t, int kChannels>
 void backward_cpu_impl(const Geometry& geo, const scalar_t* input, const offset_t* offset, const offset_t* mask,
                        const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_input, offset_t* grad_offset,
                        offset_t* grad_mask) {
@@ -85,7 +90,8 @@ void backward_cpu_impl(const Geometry& geo, const scalar_t* input, const offset_
           const Taps<acc_t> t = bilinear_taps<acc_t>(loc_h, loc_w, geo.height_in, geo.width_in);
           acc_t g_mask = 0, g_x = 0, g_y = 0;
           if (t.any) {
-            point_backward<scalar_t, acc_t, PlainAdd>(data, gin, C, gout, D, t, m, scale, &g_mask, &g_x, &g_y);
+            point_backward<scalar_t, acc_t, PlainAdd, kChannels>(data, gin, C, gout, D, t, m, scale, &g_mask, &g_x,
+                                                                 &g_y);
           }
           grad_mask[mi] = static_cast<offset_t>(g_mask);
           grad_offset[mi * 2] = static_cast<offset_t>(g_x);
@@ -94,6 +100,17 @@ void backward_cpu_impl(const Geometry& geo, const scalar_t* input, const offset_
       }
     }
   });
+}
+
+// Calls fn with std::integral_constant<int, group_channels> for the widths InternImage uses, else with 0 (generic).
+template <typename Fn>
+void with_channels(int64_t group_channels, Fn&& fn) {
+  switch (group_channels) {
+    case 8: fn(std::integral_constant<int, 8>{}); break;
+    case 16: fn(std::integral_constant<int, 16>{}); break;
+    case 32: fn(std::integral_constant<int, 32>{}); break;
+    default: fn(std::integral_constant<int, 0>{});
+  }
 }
 
 struct CpuKernels {
@@ -105,13 +122,18 @@ struct CpuKernels {
   template <typename scalar_t, typename offset_t>
   static void forward(const Geometry& geo, const scalar_t* input, const offset_t* offset, const offset_t* mask,
                       scalar_t* output) {
-    forward_cpu_impl<scalar_t, offset_t>(geo, input, offset, mask, output);
+    with_channels(geo.group_channels, [&](auto k) {
+      forward_cpu_impl<scalar_t, offset_t, decltype(k)::value>(geo, input, offset, mask, output);
+    });
   }
   template <typename scalar_t, typename offset_t>
   static void backward(const Geometry& geo, const scalar_t* input, const offset_t* offset, const offset_t* mask,
                        const scalar_t* grad_output, at::opmath_type<scalar_t>* grad_input, offset_t* grad_offset,
                        offset_t* grad_mask) {
-    backward_cpu_impl<scalar_t, offset_t>(geo, input, offset, mask, grad_output, grad_input, grad_offset, grad_mask);
+    with_channels(geo.group_channels, [&](auto k) {
+      backward_cpu_impl<scalar_t, offset_t, decltype(k)::value>(geo, input, offset, mask, grad_output, grad_input,
+                                                                grad_offset, grad_mask);
+    });
   }
 };
 

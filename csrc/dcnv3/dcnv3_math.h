@@ -125,10 +125,12 @@ struct PlainAdd {
 // data and grad_input point at the group's first channel of pixel 0 of this image; pixels are pixel_stride apart.
 // Two taps may share a pixel row (only when both are outside, weight 0) but rows never partly overlap, which keeps
 // the vectorised host loop exact.
-template <typename scalar_t, typename acc_t, typename Add>
+// kChannels > 0 fixes group_channels at compile time (fully unrolled, fixed-width vector code on the host).
+template <typename scalar_t, typename acc_t, typename Add, int kChannels = 0>
 DCNV3_HD void point_backward(const scalar_t* data, acc_t* grad_input, int64_t pixel_stride, const scalar_t* grad_out,
                              int64_t group_channels, const Taps<acc_t>& t, acc_t mask, acc_t offset_scale,
                              acc_t* grad_mask, acc_t* grad_off_x, acc_t* grad_off_y) {
+  const int64_t channels = kChannels > 0 ? kChannels : group_channels;
   const scalar_t* v0 = data + t.index[0] * pixel_stride;
   const scalar_t* v1 = data + t.index[1] * pixel_stride;
   const scalar_t* v2 = data + t.index[2] * pixel_stride;
@@ -143,7 +145,7 @@ DCNV3_HD void point_backward(const scalar_t* data, acc_t* grad_input, int64_t pi
   const acc_t mw0 = w0 * mask, mw1 = w1 * mask, mw2 = w2 * mask, mw3 = w3 * mask;
   acc_t g_mask = 0, g_h = 0, g_w = 0;
   DCNV3_SIMD_REDUCE
-  for (int64_t c = 0; c < group_channels; ++c) {
+  for (int64_t c = 0; c < channels; ++c) {
     const acc_t go = static_cast<acc_t>(to_acc(grad_out[c]));
     const acc_t a = static_cast<acc_t>(to_acc(v0[c])), b = static_cast<acc_t>(to_acc(v1[c]));
     const acc_t d = static_cast<acc_t>(to_acc(v2[c])), e = static_cast<acc_t>(to_acc(v3[c]));
