@@ -153,7 +153,7 @@ def main() -> int:
     parser.add_argument("--backends", default=None, help="comma-separated subset (default: all that apply here)")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per measurement (median)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="wall: elapsed time (default); cpu: process CPU time, for a machine shared with other work")
+                        help="wall: elapsed time (default); cpu: process CPU time, on a machine shared with other work")
     parser.add_argument("--json", type=Path, help="also write the raw rows here")
     args = parser.parse_args()
     if args.worker:
