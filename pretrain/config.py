@@ -1,0 +1,460 @@
+"""One typed config schema for a training run, YAML loading and ``key.sub=value`` overrides.
+
+``load_config(path, overrides)`` -> :class:`TrainConfig`. Every section is a dataclass; a YAML file only sets values
+the schema defines. Unknown keys, wrong types and impossible combinations raise :class:`ConfigError` naming the file
+(or ``command line``) and the dotted key, before any model, data or process group is built.
+
+Units are in the names: ``*_steps`` count optimizer steps, ``micro_batch_size`` is per rank and per micro-step,
+``lr_base`` is the peak learning rate for ``lr_base_batch_size`` images (scaled linearly by the global batch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    'ConfigError', 'TrainConfig', 'ModelConfig', 'SourceConfig', 'DataConfig', 'LossConfig', 'OptimConfig',
+    'ScheduleConfig', 'DeepSpeedConfig', 'EMAConfig', 'CheckpointConfig', 'LoggingConfig', 'RunConfig',
+    'load_config', 'config_from_dict', 'config_to_dict', 'parse_overrides',
+]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the file and the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = 'internimage_t'  # any timm-registered name (pretrain.models.create_backbone)
+    num_classes: int = 1000
+    drop_path_rate: float | None = None  # None: the model's own default
+    grad_checkpointing: bool = False
+    grad_checkpointing_every: int = 1
+    checkpoint_path: str | None = None  # initial weights (official / timm layout)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments (channels, depths, core_op ...)
+
+
+@dataclass
+class SourceConfig:
+    name: str = 'train'
+    urls: str = ''  # brace pattern, ``::``-joined patterns, local or pipe:
+    weight: float | None = None  # resampled mode mixture weight; None = by size
+    manifest: str | None = None
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=list)
+    val: list[SourceConfig] = field(default_factory=list)
+    mode: Literal['epoch', 'resampled'] = 'epoch'
+    samples_per_epoch: int | None = None  # resampled mode: delivered samples per pass over all ranks
+    img_size: int = 224
+    num_workers: int = 4
+    interleave_shards: int = 4
+    seed: int = 0
+    # train transform (timm semantics)
+    scale_min: float = 0.08
+    hflip: float = 0.5
+    color_jitter: float | None = 0.4
+    auto_augment: str | None = 'rand-m9-mstd0.5-inc1'
+    re_prob: float = 0.25
+    interpolation: str = 'bicubic'
+    # eval transform
+    eval_crop_pct: float = 0.875
+    eval_micro_batch_size: int | None = None  # None: the training micro batch
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    lr_base: float = 5e-4  # peak lr for lr_base_batch_size images
+    lr_base_batch_size: int = 512
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    layer_decay: float = 1.0  # 1.0 = off; else lr * layer_decay ** (depth from the head) via group_matcher
+    dcn_lr_mul: float = 1.0  # lr multiplier for DCN offset / attention-weight projections (official DCN_LR_MUL)
+    no_weight_decay: list[str] = field(default_factory=list)  # extra parameter names without weight decay
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float | None = None  # exactly one of epochs / total_steps
+    total_steps: int | None = None
+    steps_per_epoch: int | None = None  # None: from the data (epoch mode) or samples_per_epoch (resampled)
+    warmup_steps: int | None = None  # exactly one of warmup_steps / warmup_epochs (or neither: no warmup)
+    warmup_epochs: float | None = None
+    lr_warmup_init: float = 0.0  # absolute lr at step 0 (scaled like lr_base)
+    lr_min: float = 0.0  # absolute lr at the end (scaled like lr_base)
+    lr_scale_by_batch: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    precision: Literal['bf16', 'fp16', 'fp32'] = 'bf16'
+    micro_batch_size: int = 32  # per rank, per micro-step
+    grad_accum_steps: int = 1
+    grad_clip: float = 5.0  # 0 = off
+    offload_optimizer: Literal['none', 'cpu', 'nvme'] = 'none'
+    offload_param: Literal['none', 'cpu', 'nvme'] = 'none'
+    nvme_path: str | None = None
+    fp16_initial_scale_power: int = 16
+    torch_adam: bool = True  # torch.optim.AdamW inside DeepSpeed (no fused-op build); offload uses DeepSpeedCPUAdam
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    bucket_size: int = 500_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed JSON (expert escape hatch)
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+    warmup: bool = False  # timm-style decay ramp min(decay, (1 + n) / (10 + n))
+    every_steps: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    interval_steps: int = 1000
+    keep_last: int = 3
+    resume: str = 'auto'  # 'auto' (newest complete in <output_dir>/checkpoints), 'none', or a step folder
+    on_world_size_change: Literal['universal', 'weights_only', 'error'] = 'universal'
+    save_at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    interval_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = 'runs/default'
+    seed: int = 0
+    max_nonfinite_in_a_row: int = 5
+    eval_interval_steps: int = 0  # 0 = only at the end
+    deterministic: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def global_batch_size(self, world_size: int) -> int:
+        """Images per optimizer step over all ranks."""
+        return self.deepspeed.micro_batch_size * self.deepspeed.grad_accum_steps * world_size
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# typed conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
+
+
+def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    """``value`` as type ``tp`` or ConfigError; ints are accepted for floats, nothing else is coerced."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f'{where}: {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})')
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f'{where}: {key}: must be one of {list(args)}, got {value!r}')
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f'{where}: {key}: expected a list, got {value!r}')
+        return [_convert(v, args[0], f'{key}[{i}]', where) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f'{where}: {key}: expected a list of {len(args)} values, got {value!r}')
+        return tuple(_convert(v, a, f'{key}[{i}]', where) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f'{where}: {key}: expected a mapping, got {value!r}')
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f'{where}: {key}: expected true/false, got {value!r}')
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f'{where}: {key}: expected an integer, got {value!r}')
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f'{where}: {key}: expected a number, got {value!r}')
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f'{where}: {key}: expected a string, got {value!r}')
+        return value
+    raise TypeError(f'unsupported schema type {tp!r} at {key}')
+
+
+def _build(cls: type, data: Any, prefix: str, where: str):
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f'{where}: {prefix or "<top>"}: expected a mapping, got {data!r}')
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f'{prefix}.{unknown[0]}' if prefix else unknown[0]
+        raise ConfigError(f'{where}: {key}: unknown key (known in {prefix or "<top>"}: {sorted(names)})')
+    kwargs = {name: _convert(value, hints[name], f'{prefix}.{name}' if prefix else name, where)
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The config as plain YAML/JSON-able dicts (tuples become lists)."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# overrides
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``['a.b=3', 'c=[1, 2]']`` -> ``[('a.b', 3), ('c', [1, 2])]``; values are parsed as YAML scalars/flow lists."""
+    out = []
+    for item in overrides:
+        if '=' not in item:
+            raise ConfigError(f'command line: {item!r}: expected key.sub=value')
+        key, text = item.split('=', 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f'command line: {item!r}: empty key')
+        try:
+            value = yaml.safe_load(text) if text.strip() else ''
+        except yaml.YAMLError as e:
+            raise ConfigError(f'command line: {key}: cannot parse value {text!r}: {e}') from e
+        out.append((key, value))
+    return out
+
+
+def _apply_override(raw: dict, key: str, value: Any) -> None:
+    # Walk the schema alongside the raw dict so an unknown key fails here with its full name.
+    cls: Any = TrainConfig
+    node = raw
+    parts = key.split('.')
+    for i, part in enumerate(parts):
+        here = '.'.join(parts[:i + 1])
+        if cls is dict:  # free-form mapping (model.kwargs, deepspeed.extra): any sub-key
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+            continue
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f'command line: {key}: {".".join(parts[:i])} is not a section')
+        fields_ = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields_:
+            raise ConfigError(f'command line: {here}: unknown key (known: {sorted(fields_)})')
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        tp = typing.get_type_hints(cls)[part]
+        cls = dict if typing.get_origin(tp) is dict else tp
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f'command line: {here}: not a mapping in the file')
+        node = nxt
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# loading and cross-field checks
+
+
+def config_from_dict(raw: dict, where: str = '<dict>') -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from nested dicts (``where`` names the source in errors)."""
+    cfg = _build(TrainConfig, raw, '', where)
+    validate(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML file (or start from defaults when ``path`` is None), apply ``key.sub=value`` overrides, validate."""
+    raw: dict = {}
+    where = 'defaults'
+    if path is not None:
+        where = str(path)
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f'{path}: cannot read: {e}') from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f'{path}: not valid YAML: {e}') from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f'{path}: the top level must be a mapping')
+    # Type errors in the file are reported against the file before overrides can mask them.
+    _build(TrainConfig, raw, '', where)
+    pairs = parse_overrides(list(overrides or []))
+    for key, value in pairs:
+        _apply_override(raw, key, value)
+    if pairs:
+        where = f'{where} + command line'
+        cfg = _build(TrainConfig, raw, '', 'command line')
+    else:
+        cfg = _build(TrainConfig, raw, '', where)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: TrainConfig, where: str = '<config>') -> None:
+    """Cross-field checks; raises ConfigError naming ``where`` and the key."""
+    def fail(key: str, msg: str):
+        raise ConfigError(f'{where}: {key}: {msg}')
+
+    ds, sch, opt, data, loss, ck = cfg.deepspeed, cfg.schedule, cfg.optim, cfg.data, cfg.loss, cfg.checkpoint
+    if ds.zero_stage not in (0, 1, 2, 3):
+        fail('deepspeed.zero_stage', f'must be 0, 1, 2 or 3, got {ds.zero_stage}')
+    if ds.micro_batch_size < 1:
+        fail('deepspeed.micro_batch_size', f'must be >= 1, got {ds.micro_batch_size}')
+    if ds.grad_accum_steps < 1:
+        fail('deepspeed.grad_accum_steps', f'must be >= 1, got {ds.grad_accum_steps}')
+    if ds.grad_clip < 0:
+        fail('deepspeed.grad_clip', f'must be >= 0 (0 = off), got {ds.grad_clip}')
+    if ds.offload_param != 'none' and ds.zero_stage != 3:
+        fail('deepspeed.offload_param', f'parameter offload needs zero_stage 3, got stage {ds.zero_stage}')
+    if ds.offload_optimizer != 'none' and ds.zero_stage == 0:
+        fail('deepspeed.offload_optimizer', 'optimizer offload needs zero_stage >= 1')
+    if 'nvme' in (ds.offload_param, ds.offload_optimizer) and not ds.nvme_path:
+        fail('deepspeed.nvme_path', 'NVMe offload needs nvme_path')
+    for key in ('train_batch_size', 'train_micro_batch_size_per_gpu', 'gradient_accumulation_steps', 'optimizer',
+                'scheduler', 'bf16', 'fp16'):
+        if key in ds.extra:
+            fail(f'deepspeed.extra.{key}', 'set through the typed deepspeed.* keys, not extra')
+    if cfg.model.grad_checkpointing_every < 1:
+        fail('model.grad_checkpointing_every', 'must be >= 1')
+    if cfg.model.drop_path_rate is not None and not 0 <= cfg.model.drop_path_rate < 1:
+        fail('model.drop_path_rate', f'must be in [0, 1), got {cfg.model.drop_path_rate}')
+    if cfg.model.num_classes < 1:
+        fail('model.num_classes', 'must be >= 1')
+
+    if not data.train:
+        fail('data.train', 'needs at least one source')
+    for part in ('train', 'val'):
+        for i, src in enumerate(getattr(data, part)):
+            if not src.urls:
+                fail(f'data.{part}[{i}].urls', 'is empty')
+    if data.mode == 'resampled' and data.samples_per_epoch is None and sch.total_steps is None \
+            and sch.steps_per_epoch is None:
+        fail('data.samples_per_epoch', 'resampled mode is infinite: set it, or schedule.total_steps / steps_per_epoch')
+    if data.img_size < 16 or data.img_size % 16:
+        fail('data.img_size', f'must be a positive multiple of 16 (the stages downsample), got {data.img_size}')
+    if data.num_workers < 0:
+        fail('data.num_workers', 'must be >= 0')
+    if not 0 < data.scale_min <= 1:
+        fail('data.scale_min', f'must be in (0, 1], got {data.scale_min}')
+
+    if not 0 <= loss.label_smoothing < 1:
+        fail('loss.label_smoothing', f'must be in [0, 1), got {loss.label_smoothing}')
+    if loss.mixup_alpha < 0 or loss.cutmix_alpha < 0:
+        fail('loss.mixup_alpha', 'mixup_alpha and cutmix_alpha must be >= 0')
+    if (loss.mixup_alpha > 0 or loss.cutmix_alpha > 0) and ds.micro_batch_size % 2:
+        fail('deepspeed.micro_batch_size', f'Mixup/CutMix (batch mode) needs an even micro batch, got '
+             f'{ds.micro_batch_size}')
+
+    if opt.lr_base <= 0:
+        fail('optim.lr_base', f'must be > 0, got {opt.lr_base}')
+    if opt.lr_base_batch_size < 1:
+        fail('optim.lr_base_batch_size', 'must be >= 1')
+    if not 0 < opt.layer_decay <= 1:
+        fail('optim.layer_decay', f'must be in (0, 1] (1 = off), got {opt.layer_decay}')
+    if opt.dcn_lr_mul <= 0:
+        fail('optim.dcn_lr_mul', f'must be > 0, got {opt.dcn_lr_mul}')
+    if opt.weight_decay < 0:
+        fail('optim.weight_decay', 'must be >= 0')
+    if not all(0 <= b < 1 for b in opt.betas):
+        fail('optim.betas', f'each must be in [0, 1), got {list(opt.betas)}')
+
+    if (sch.epochs is None) == (sch.total_steps is None):
+        fail('schedule.epochs', 'set exactly one of schedule.epochs and schedule.total_steps')
+    if sch.total_steps is not None and sch.total_steps < 1:
+        fail('schedule.total_steps', 'must be >= 1')
+    if sch.epochs is not None and sch.epochs <= 0:
+        fail('schedule.epochs', 'must be > 0')
+    if sch.warmup_steps is not None and sch.warmup_epochs is not None:
+        fail('schedule.warmup_steps', 'set at most one of warmup_steps and warmup_epochs')
+    if sch.warmup_steps is not None and sch.warmup_steps < 0:
+        fail('schedule.warmup_steps', 'must be >= 0')
+    if sch.total_steps is not None and sch.warmup_steps is not None and sch.warmup_steps >= sch.total_steps:
+        fail('schedule.warmup_steps', f'{sch.warmup_steps} warmup steps leave nothing of {sch.total_steps} total steps')
+    if sch.epochs is not None and sch.warmup_epochs is not None and sch.warmup_epochs >= sch.epochs:
+        fail('schedule.warmup_epochs', f'{sch.warmup_epochs} warmup epochs leave nothing of {sch.epochs} epochs')
+    if sch.lr_min < 0 or sch.lr_warmup_init < 0:
+        fail('schedule.lr_min', 'lr_min and lr_warmup_init must be >= 0')
+    if sch.lr_min > opt.lr_base:
+        fail('schedule.lr_min', f'{sch.lr_min} is above optim.lr_base {opt.lr_base}')
+
+    if cfg.ema.enabled and not 0 < cfg.ema.decay < 1:
+        fail('ema.decay', f'must be in (0, 1), got {cfg.ema.decay}')
+    if cfg.ema.every_steps < 1:
+        fail('ema.every_steps', 'must be >= 1')
+    if ck.interval_steps < 1:
+        fail('checkpoint.interval_steps', 'must be >= 1')
+    if ck.keep_last < 1:
+        fail('checkpoint.keep_last', 'must be >= 1 (older complete checkpoints are removed only after a newer one '
+             'is committed)')
+    if cfg.logging.interval_steps < 1:
+        fail('logging.interval_steps', 'must be >= 1')
+    if cfg.run.max_nonfinite_in_a_row < 1:
+        fail('run.max_nonfinite_in_a_row', 'must be >= 1')
+    if cfg.run.eval_interval_steps < 0:
+        fail('run.eval_interval_steps', 'must be >= 0')

@@ -1,0 +1,44 @@
+"""``python -m pretrain train CONFIG [key.sub=value ...]``: one training stage from a YAML config.
+
+Launch one process per rank (``torchrun --nproc_per_node N -m pretrain train ...`` or ``srun python -m pretrain
+train ...``); the config is validated before any process group, model or data is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pretrain.config import ConfigError, config_to_dict, load_config
+
+__all__ = ['main']
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m pretrain train', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('config', help='YAML file (configs/stage/*.yaml)')
+    parser.add_argument('overrides', nargs='*', help='key.sub=value (YAML values), applied after the file')
+    parser.add_argument('--print-config', action='store_true', help='print the resolved config as JSON and exit')
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f'config error: {e}', file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(config_to_dict(cfg), indent=1))
+        return 0
+    from pretrain.engine.trainer import NonFiniteError, Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    except NonFiniteError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Data for the trainer: loaders from the config, and a batch stream on which every rank agrees.
+
+In epoch mode a rank's pass can be one batch shorter than another's after skipped bad samples (docs/DATA.md). Every
+rank must run the same number of steps (ZeRO collectives), so :class:`BatchStream` all-reduces "I ran out" before
+each micro-batch: when any rank's pass is over, every rank starts the next epoch (the steps per epoch are the minimum
+over ranks; a rank that still had a batch drops it).
+"""
+from __future__ import annotations
+
+import torch
+
+from data_pipelines.loader import SourceSpec, build_loader, resolve_shards
+from data_pipelines.transforms import build_eval_transform, build_train_transform
+from pretrain.config import SourceConfig, TrainConfig
+from pretrain.engine import dist as edist
+
+__all__ = ['build_train_loader', 'build_val_loader', 'steps_per_epoch', 'BatchStream']
+
+
+def _specs(sources: list[SourceConfig]) -> list[SourceSpec]:
+    return [SourceSpec(s.name, s.urls, weight=s.weight, manifest=s.manifest) for s in sources]
+
+
+def build_train_loader(cfg: TrainConfig, rank: int, world_size: int, epoch: int = 0):
+    d = cfg.data
+    transform = build_train_transform(d.img_size, scale=(d.scale_min, 1.0), hflip=d.hflip,
+                                      color_jitter=d.color_jitter, auto_augment=d.auto_augment, re_prob=d.re_prob,
+                                      interpolation=d.interpolation)
+    return build_loader(_specs(d.train), batch_size=cfg.deepspeed.micro_batch_size, num_workers=d.num_workers,
+                        mode=d.mode, seed=d.seed, rank=rank, world_size=world_size, transform=transform,
+                        epoch=epoch, drop_last=True, interleave_shards=d.interleave_shards,
+                        samples_per_epoch=d.samples_per_epoch)
+
+
+def build_val_loader(cfg: TrainConfig, rank: int, world_size: int):
+    d = cfg.data
+    if not d.val:
+        return None
+    transform = build_eval_transform(d.img_size, crop_pct=d.eval_crop_pct, interpolation=d.interpolation)
+    return build_loader(_specs(d.val), batch_size=d.eval_micro_batch_size or cfg.deepspeed.micro_batch_size,
+                        num_workers=d.num_workers, mode='epoch', seed=d.seed, rank=rank, world_size=world_size,
+                        transform=transform, drop_last=False, interleave_shards=d.interleave_shards)
+
+
+def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:
+    """Optimizer steps in one pass (an upper bound in epoch mode: skipped samples can end a pass one step early)."""
+    if cfg.schedule.steps_per_epoch is not None:
+        return cfg.schedule.steps_per_epoch
+    per_step = cfg.deepspeed.micro_batch_size * world_size * cfg.deepspeed.grad_accum_steps
+    if cfg.data.mode == 'resampled':
+        if cfg.data.samples_per_epoch is None:
+            raise ValueError('resampled mode without samples_per_epoch has no epochs; set schedule.total_steps')
+        return max(cfg.data.samples_per_epoch // per_step, 1)
+    total = sum(s.samples for s in resolve_shards(_specs(cfg.data.train), need_counts=True))
+    steps = total // per_step
+    if steps < 1:
+        raise ValueError(f'{total} training samples are fewer than one global batch ({per_step})')
+    return steps
+
+
+class BatchStream:
+    """``next_batch()`` -> the next micro-batch dict, the same number on every rank; rolls epochs over.
+
+    ``state.epoch`` (a TrainState) is advanced in place at each rollover.
+    """
+
+    def __init__(self, loader, state):
+        self.loader, self.state = loader, state
+        self._it = None
+
+    def next_batch(self) -> dict:
+        for _ in range(3):
+            if self._it is None:
+                self._it = iter(self.loader)
+            batch = next(self._it, None)
+            if edist.all_reduce_max(1.0 if batch is None else 0.0) == 0.0:
+                return batch
+            self._it = None  # some rank's pass is over: everyone starts the next epoch
+            self.state.epoch += 1
+            self.loader.set_epoch(self.state.epoch)
+        raise RuntimeError(f'epoch {self.state.epoch}: the data loader yields no batch on some rank')
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    images = batch['image'].to(device, non_blocking=True).to(dtype)
+    labels = batch['label'].to(device, non_blocking=True)
+    if (labels < 0).any():
+        keys = [k for k, lab in zip(batch['key'], labels.tolist()) if lab < 0][:3]
+        raise ValueError(f'supervised training needs a .cls label on every sample; none for {keys}')
+    return images, labels

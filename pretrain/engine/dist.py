@@ -1,0 +1,128 @@
+"""The distributed environment from torchrun or Slurm variables, and process-group setup.
+
+torchrun sets ``RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT``; under ``srun`` (one task per GPU)
+Slurm sets ``SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_(STEP|JOB)_NODELIST``, and MASTER_ADDR is the first
+host of the node list. torchrun's variables win when both are present (torchrun inside an sbatch script).
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ['DistEnv', 'detect_env', 'expand_nodelist', 'init_distributed', 'barrier', 'all_reduce_max',
+           'all_reduce_sum', 'destroy']
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # 'torchrun', 'slurm' or 'single'
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device('cuda', self.local_rank)
+        return torch.device('cpu')
+
+    @property
+    def backend(self) -> str:
+        """nccl on GPU, gloo on CPU."""
+        return 'nccl' if torch.cuda.is_available() else 'gloo'
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compact host list -> host names: ``'gpu[01-03,07],cpu5'`` -> ``['gpu01', 'gpu02', 'gpu03', 'gpu07',
+    'cpu5']`` (zero padding kept)."""
+    hosts: list[str] = []
+    for m in re.finditer(r'([^,\[]+)(?:\[([^\]]+)\])?', nodelist):
+        prefix, ranges = m.group(1), m.group(2)
+        if ranges is None:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(','):
+            if '-' in part:
+                lo, hi = part.split('-')
+                hosts.extend(f'{prefix}{i:0{len(lo)}d}' for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(prefix + part)
+    return hosts
+
+
+def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Rank, world size, local rank and rendezvous address from torchrun or Slurm variables (else one process)."""
+    env = os.environ if environ is None else environ
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        return DistEnv(int(env['RANK']), int(env['WORLD_SIZE']), int(env.get('LOCAL_RANK', 0)),
+                       env.get('MASTER_ADDR', '127.0.0.1'), int(env.get('MASTER_PORT', 29500)), 'torchrun')
+    if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', 1)) > 1:
+        nodelist = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') or '127.0.0.1'
+        # A port from the job id, so two jobs sharing a node do not collide.
+        port = int(env['MASTER_PORT']) if 'MASTER_PORT' in env else 10000 + int(env.get('SLURM_JOB_ID', 0)) % 20000
+        return DistEnv(int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env.get('SLURM_LOCALID', 0)),
+                       env.get('MASTER_ADDR') or expand_nodelist(nodelist)[0], port, 'slurm')
+    return DistEnv(0, 1, 0, env.get('MASTER_ADDR', '127.0.0.1'), int(env.get('MASTER_PORT', 29500)), 'single')
+
+
+def init_distributed(env: DistEnv | None = None, timeout_min: float = 30.0) -> DistEnv:
+    """Export the variables DeepSpeed and torch read, then start the process group (gloo on CPU, nccl on GPU).
+
+    Also for one process: DeepSpeed's engine needs a process group in every case.
+    """
+    import datetime
+
+    import deepspeed
+
+    env = env or detect_env()
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=timeout_min), rank=env.rank,
+                                   world_size=env.world_size)
+    return env
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    # nccl reduces only CUDA tensors; gloo takes CPU ones. Returns a CPU copy.
+    t = t.detach().clone()
+    if dist.is_initialized():
+        device = torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else t.device
+        moved = t.to(device)
+        dist.all_reduce(moved, op=op)
+        t = moved.cpu()
+    return t
+
+
+def all_reduce_max(value: float) -> float:
+    """The maximum of a Python number over all ranks."""
+    return float(_all_reduce(torch.tensor([float(value)], dtype=torch.float64), dist.ReduceOp.MAX).item())
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a CPU tensor over all ranks (a CPU copy)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

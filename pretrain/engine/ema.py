@@ -1,0 +1,129 @@
+"""fp32 exponential moving average of the weights that works under every ZeRO stage.
+
+Each rank keeps the EMA of what it holds:
+- ZeRO-3: the local partition ``p.ds_tensor`` of every partitioned parameter (1-D, ``ceil(numel / world)``
+  elements), so the EMA costs **4 bytes x params / world_size per rank**; ZeRO-3 "persistent" small parameters
+  (``ds_persist``, kept whole on every rank) and float buffers are averaged whole.
+- ZeRO 0/1/2: the whole module on every rank, **4 bytes x params per rank** (the module is replicated anyway).
+The average is taken of the module weights (bf16/fp16 under mixed precision, fp32 otherwise) into fp32 accumulators,
+so tiny ``(1 - decay)`` updates are not rounded away (the official script keeps its EMA in fp16).
+
+``state_dict()`` is per rank; :meth:`EMA.load_state_dicts` takes the states of *all* saved ranks, so a ZeRO-3 EMA
+saved at one world size reloads at another (partitions are concatenated and re-cut).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = ['EMA']
+
+
+def _partitioned(p: torch.Tensor) -> bool:
+    return getattr(p, 'ds_tensor', None) is not None and not getattr(p, 'ds_persist', False)
+
+
+def _source(p: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank owns for ``p``: its ZeRO-3 partition, or the whole parameter."""
+    return p.ds_tensor if _partitioned(p) else p.data
+
+
+class EMA:
+    """EMA over ``module``'s parameters and float buffers (module as wrapped by DeepSpeed: ``engine.module``)."""
+
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = False):
+        self.module, self.decay, self.warmup = module, decay, warmup
+        self.num_updates = 0
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.partitioned: dict[str, bool] = {}
+        for name, t in self._tensors():
+            self.shadow[name] = _source(t).detach().float().clone()
+            self.partitioned[name] = _partitioned(t)
+
+    def _tensors(self):
+        for name, p in self.module.named_parameters():
+            yield name, p
+        for name, b in self.module.named_buffers():
+            if b.is_floating_point():
+                yield name, b
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """``ema = decay * ema + (1 - decay) * weights`` (call after an optimizer step)."""
+        d = self.current_decay()
+        for name, t in self._tensors():
+            self.shadow[name].lerp_(_source(t).float(), 1.0 - d)
+        self.num_updates += 1
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Within the block, the module computes with the EMA weights (for evaluation); restored after."""
+        backup = {}
+        with torch.no_grad():
+            for name, t in self._tensors():
+                src = _source(t)
+                backup[name] = src.clone()
+                src.copy_(self.shadow[name].to(src.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, t in self._tensors():
+                    _source(t).copy_(backup[name])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole EMA as a model state_dict (fp32, parameter shapes); collective under ZeRO-3 (call on every
+        rank)."""
+        out = {}
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        tensors = dict(self._tensors())
+        for name, shadow in self.shadow.items():
+            t = tensors[name]
+            if self.partitioned[name]:
+                parts = [torch.empty_like(shadow) for _ in range(world)]
+                dist.all_gather(parts, shadow)
+                out[name] = torch.cat(parts)[:t.ds_numel].view(t.ds_shape).clone()
+            else:
+                out[name] = shadow.clone()
+        return out
+
+    def state_dict(self) -> dict:
+        """This rank's EMA: shadows (partitions under ZeRO-3), which are partitioned, full shapes, world size."""
+        tensors = dict(self._tensors())
+        shapes = {n: list(getattr(tensors[n], 'ds_shape', tensors[n].shape)) for n in self.shadow}
+        return {'shadow': {k: v.clone() for k, v in self.shadow.items()}, 'partitioned': dict(self.partitioned),
+                'shapes': shapes, 'num_updates': self.num_updates, 'decay': self.decay,
+                'world_size': dist.get_world_size() if dist.is_initialized() else 1}
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Restore from the states of every saved rank, in rank order (only rank 0's is needed without ZeRO-3)."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        first = states[0]
+        missing = set(self.shadow) - set(first['shadow'])
+        if missing:
+            raise KeyError(f'EMA state lacks {sorted(missing)[:5]} ...')
+        for name in self.shadow:
+            if first['partitioned'].get(name):
+                full = torch.cat([s['shadow'][name] for s in states])
+            else:
+                full = first['shadow'][name].reshape(-1)
+            numel = math.prod(first['shapes'][name])
+            full = full[:numel]
+            if self.partitioned[name]:
+                size = self.shadow[name].numel()
+                piece = full[rank * size:(rank + 1) * size]
+                new = torch.zeros(size, dtype=torch.float32)
+                new[:piece.numel()] = piece
+                self.shadow[name] = new.to(self.shadow[name].device)
+            else:
+                self.shadow[name] = full.view(self.shadow[name].shape).float().to(self.shadow[name].device).clone()
+        self.num_updates = int(first['num_updates'])

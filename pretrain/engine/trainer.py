@@ -1,0 +1,339 @@
+"""The training loop: supervised cross-entropy (label smoothing, or soft targets under Mixup/CutMix) on DeepSpeed.
+
+``Trainer(cfg).train()`` runs a whole stage: resume from the newest complete checkpoint, then per optimizer step
+``lr -> micro-batches (forward, backward) -> step -> EMA -> log -> eval -> checkpoint``. Components live in their own
+files (optim, ema, checkpoint, metrics, data, dist, ds_config); this file only wires them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pretrain.config import TrainConfig, config_to_dict
+from pretrain.engine import dist as edist
+from pretrain.engine.checkpoint import CheckpointManager, TrainState
+from pretrain.engine.data import BatchStream, build_train_loader, build_val_loader, steps_per_epoch, to_device
+from pretrain.engine.ds_config import build_deepspeed_config
+from pretrain.engine.ema import EMA
+from pretrain.engine.metrics import MetricsLogger, peak_memory_mib
+from pretrain.engine.optim import CosineWarmupSchedule, build_param_groups, describe_groups, scaled_lr
+
+__all__ = ['Trainer', 'NonFiniteError', 'StepResult', 'build_model', 'total_steps_of']
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over this rank's finite micro-batches (nan if none)
+    grad_norm: float | None
+    skipped: bool  # DeepSpeed discarded the update (non-finite gradient)
+    micro_batches: int  # consumed, including dropped non-finite ones
+    nonfinite_micro: int
+
+
+def build_model(cfg: TrainConfig):
+    from pretrain.models import create_backbone
+
+    m = cfg.model
+    kwargs = dict(m.kwargs)
+    if m.drop_path_rate is not None:
+        kwargs['drop_path_rate'] = m.drop_path_rate
+    return create_backbone(m.name, num_classes=m.num_classes, checkpoint_path=m.checkpoint_path,
+                           grad_checkpointing=m.grad_checkpointing, grad_checkpointing_every=m.grad_checkpointing_every,
+                           **kwargs)
+
+
+def total_steps_of(cfg: TrainConfig, world_size: int) -> tuple[int, int | None, int]:
+    """``(total_steps, steps_per_epoch or None, warmup_steps)`` in optimizer steps."""
+    s = cfg.schedule
+    spe = None
+    if s.epochs is not None or s.warmup_epochs is not None:
+        spe = steps_per_epoch(cfg, world_size)
+    total = s.total_steps if s.total_steps is not None else max(int(round(s.epochs * spe)), 1)
+    warmup = s.warmup_steps if s.warmup_steps is not None else int(round((s.warmup_epochs or 0) * (spe or 0)))
+    if warmup >= total and warmup > 0:
+        raise ValueError(f'schedule: {warmup} warmup steps >= {total} total steps')
+    return total, spe, warmup
+
+
+class Trainer:
+    """Builds the model, DeepSpeed engine, schedule, EMA, loaders, checkpoints and metrics from one config."""
+
+    def __init__(self, cfg: TrainConfig, env: edist.DistEnv | None = None, *, build_data: bool = True):
+        self.cfg = cfg
+        self.env = edist.init_distributed(env)
+        self.rank, self.world_size = self.env.rank, self.env.world_size
+        self.device = self.env.device
+        self.out_dir = cfg.run.output_dir
+        if self.rank == 0:
+            os.makedirs(self.out_dir, exist_ok=True)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        self.global_batch_size = cfg.global_batch_size(self.world_size)
+        self.total_steps, self.steps_per_epoch, warmup = total_steps_of(cfg, self.world_size)
+        scale = dict(global_batch_size=self.global_batch_size, base_batch_size=cfg.optim.lr_base_batch_size,
+                     enabled=cfg.schedule.lr_scale_by_batch)
+        self.lr_peak = scaled_lr(cfg.optim.lr_base, **scale)
+        self.schedule = CosineWarmupSchedule(lr_peak=self.lr_peak, total_steps=self.total_steps, warmup_steps=warmup,
+                                             lr_warmup_init=scaled_lr(cfg.schedule.lr_warmup_init, **scale),
+                                             lr_min=scaled_lr(cfg.schedule.lr_min, **scale))
+
+        self.ckpt = CheckpointManager(os.path.join(self.out_dir, 'checkpoints'), keep_last=cfg.checkpoint.keep_last,
+                                      rank=self.rank, world_size=self.world_size, log=self.log)
+        self.resume_plan = self.ckpt.plan_resume(cfg.checkpoint.resume, cfg.checkpoint.on_world_size_change)
+        if self.resume_plan is not None:
+            self.ckpt.prepare_universal(self.resume_plan)
+
+        # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy), then per-rank streams.
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg)
+        groups = build_param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay,
+                                    dcn_lr_mul=cfg.optim.dcn_lr_mul, no_weight_decay=cfg.optim.no_weight_decay)
+        self.log('parameter groups:\n' + describe_groups(groups))
+        for g in groups:
+            g.pop('param_names')
+        self.ds_config = build_deepspeed_config(
+            cfg, world_size=self.world_size, lr_peak=self.lr_peak,
+            load_universal=self.resume_plan is not None and self.resume_plan.mode == 'universal')
+        import deepspeed
+
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                                 config=self.ds_config, dist_init_required=False)
+        self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[cfg.deepspeed.precision]
+        self.ema = EMA(self.engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+        _seed_rank_streams(cfg.run.seed, self.rank, step=0)
+
+        self.mixup = None
+        if cfg.loss.mixup_alpha > 0 or cfg.loss.cutmix_alpha > 0:
+            from data_pipelines.transforms import build_mixup
+            self.mixup = build_mixup(cfg.model.num_classes, mixup_alpha=cfg.loss.mixup_alpha,
+                                     cutmix_alpha=cfg.loss.cutmix_alpha, prob=cfg.loss.mixup_prob,
+                                     switch_prob=cfg.loss.mixup_switch_prob, label_smoothing=cfg.loss.label_smoothing)
+        self.criterion = _criterion(cfg, self.mixup is not None)
+
+        self.state = TrainState()
+        self.train_loader = build_train_loader(cfg, self.rank, self.world_size) if build_data else None
+        self.val_loader = build_val_loader(cfg, self.rank, self.world_size) if build_data else None
+        self.metrics = MetricsLogger(self.out_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
+                                     progress=cfg.logging.progress)
+        self.last_checkpoint: str | None = None
+        self._nonfinite_in_a_row = 0
+        self.resume_report: dict | None = None
+        if self.resume_plan is not None:
+            self.resume_report = self.ckpt.load(self.resume_plan, self.engine, self.state, scheduler=self.schedule,
+                                                loader=self.train_loader, ema=self.ema)
+            if self.resume_plan.mode != 'exact':
+                _seed_rank_streams(cfg.run.seed, self.rank, step=self.state.step)
+            self.last_checkpoint = self.resume_plan.step_dir
+            self.log(f'resumed from {self.resume_plan.step_dir} at step {self.state.step} '
+                     f'({self.resume_plan.mode}); not restored: {self.resume_report["not_restored"] or "nothing"}')
+            self.metrics.log(self.state.step, {'resume': self.resume_report}, prefix='event')
+
+    # --------------------------------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f'[pretrain] {msg}', flush=True)
+
+    def forward_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.engine(images)
+        return self.criterion(logits.float(), targets)
+
+    def train_step(self, next_micro_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """One optimizer step: ``grad_accum_steps`` finite micro-batches from ``next_micro_batch()`` -> ``(images
+        [B,3,H,W] in the compute dtype, labels [B] long)``. A micro-batch whose loss is not finite on any rank is
+        dropped on every rank (no backward) and the next one takes its place; raises :class:`NonFiniteError` after
+        ``run.max_nonfinite_in_a_row`` in a row."""
+        self.schedule.step_to(self.state.step, self.engine.optimizer.param_groups)
+        losses, consumed, dropped = [], 0, 0
+        while True:
+            images, labels = next_micro_batch()
+            consumed += 1
+            self.state.samples_seen += images.shape[0] * self.world_size
+            targets = labels
+            if self.mixup is not None:
+                images, targets = self.mixup(images, labels)
+            loss = self.forward_loss(images, targets)
+            if edist.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
+                dropped += 1
+                self._count_nonfinite('loss')
+                continue
+            self.engine.backward(loss)
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            self.engine.step()
+            losses.append(loss.item())
+            if boundary:
+                break
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        skipped = grad_norm is not None and not math.isfinite(grad_norm)
+        if skipped:
+            self._count_nonfinite('grad_norm')
+        else:
+            self._nonfinite_in_a_row = 0
+            if self.ema is not None and (self.state.step + 1) % self.cfg.ema.every_steps == 0:
+                self.ema.update()
+        self.state.step += 1
+        return StepResult(sum(losses) / len(losses) if losses else float('nan'), grad_norm, skipped, consumed, dropped)
+
+    def _count_nonfinite(self, what: str) -> None:
+        self.state.nonfinite_total += 1
+        self._nonfinite_in_a_row += 1
+        self.log(f'step {self.state.step}: non-finite {what}, skipped ({self._nonfinite_in_a_row} in a row)')
+        if self._nonfinite_in_a_row >= self.cfg.run.max_nonfinite_in_a_row:
+            raise NonFiniteError(
+                f'{self._nonfinite_in_a_row} non-finite steps in a row (last: {what}) at step {self.state.step}; '
+                f'last good checkpoint: {self.last_checkpoint or "none"}')
+
+    # --------------------------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        stream = BatchStream(self.train_loader, self.state)
+
+        def next_micro():
+            return to_device(stream.next_batch(), self.device, self.dtype)
+
+        self.log(f'training {cfg.model.name} for {self.total_steps} steps from step {self.state.step}; '
+                 f'{self.world_size} ranks, global batch {self.global_batch_size}, lr peak {self.lr_peak:.3g}, '
+                 f'ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}')
+        window = {'loss_sum': 0.0, 'loss_n': 0, 'samples': self.state.samples_seen, 'time': time.time()}
+        eval_result: dict = {}
+        self.engine.train()
+        while self.state.step < self.total_steps:
+            res = self.train_step(next_micro)
+            if math.isfinite(res.loss):
+                window['loss_sum'] += res.loss
+                window['loss_n'] += 1
+            step = self.state.step
+            if step % cfg.logging.interval_steps == 0 or step == self.total_steps:
+                self._log_train(step, res, window)
+            if cfg.run.eval_interval_steps and step % cfg.run.eval_interval_steps == 0 and step < self.total_steps:
+                eval_result = self.evaluate()
+                self.metrics.log(step, eval_result, prefix='eval')
+            if step % cfg.checkpoint.interval_steps == 0 or (step == self.total_steps and cfg.checkpoint.save_at_end):
+                self.save()
+        if self.val_loader is not None:
+            eval_result = self.evaluate()
+            self.metrics.log(self.state.step, eval_result, prefix='eval')
+            self.log(f'eval at step {self.state.step}: {eval_result}')
+        summary = {'step': self.state.step, 'samples_seen': self.state.samples_seen,
+                   'nonfinite_total': self.state.nonfinite_total, 'last_checkpoint': self.last_checkpoint,
+                   'eval': eval_result, 'world_size': self.world_size}
+        if self.rank == 0:
+            with open(os.path.join(self.out_dir, 'summary.json'), 'w') as f:
+                json.dump(summary, f, indent=1)
+        self.metrics.close()
+        return summary
+
+    def save(self) -> str:
+        self.last_checkpoint = self.ckpt.save(self.engine, self.state, scheduler=self.schedule,
+                                              loader=self.train_loader, ema=self.ema, config=config_to_dict(self.cfg))
+        self.log(f'checkpoint committed: {self.last_checkpoint}')
+        return self.last_checkpoint
+
+    def _log_train(self, step: int, res: StepResult, window: dict) -> None:
+        sums = edist.all_reduce_sum(torch.tensor([window['loss_sum'], float(window['loss_n'])], dtype=torch.float64))
+        now = time.time()
+        images = self.state.samples_seen - window['samples']
+        values = {
+            'loss': {'ce': float(sums[0] / sums[1]) if sums[1] > 0 else float('nan')},
+            'lr': self.schedule.lr_at(step - 1),
+            'grad_norm': res.grad_norm if res.grad_norm is not None else float('nan'),
+            'images_per_s': images / max(now - window['time'], 1e-9),
+            'samples_seen': self.state.samples_seen,
+            'epoch': self.state.epoch,
+            'peak_memory_mib': edist.all_reduce_max(peak_memory_mib()),
+            'nonfinite_total': self.state.nonfinite_total,
+            'data_skips': self._data_skips(),
+        }
+        self.metrics.log(step, values)
+        self.metrics.progress(step, self.total_steps,
+                              f'loss {values["loss"]["ce"]:.4f} lr {values["lr"]:.3g} '
+                              f'gnorm {values["grad_norm"]:.3g} {values["images_per_s"]:.1f} img/s')
+        window.update(loss_sum=0.0, loss_n=0, samples=self.state.samples_seen, time=now)
+
+    def _data_skips(self) -> dict[str, int]:
+        mine = self.train_loader.skip_counts() if self.train_loader is not None else {}
+        if not dist.is_initialized() or self.world_size == 1:
+            return mine
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        total: dict[str, int] = {}
+        for counts in everyone:
+            for k, v in counts.items():
+                total[k] = total.get(k, 0) + v
+        return dict(sorted(total.items()))
+
+    # --------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader=None) -> dict:
+        """Top-1/top-5 and loss of the raw weights (and the EMA's), summed over every rank's share of the val set."""
+        loader = loader if loader is not None else self.val_loader
+        if loader is None:
+            return {}
+        out = {'raw': self._evaluate_once(loader)}
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                out['ema'] = self._evaluate_once(loader)
+        return out
+
+    def _evaluate_once(self, loader) -> dict:
+        self.engine.eval()
+        k = min(5, self.cfg.model.num_classes)
+        totals = torch.zeros(4, dtype=torch.float64)  # top1, topk, loss sum, count
+        it = iter(loader)
+        size = self.cfg.data.img_size
+        dummy = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
+        while True:
+            batch = next(it, None)
+            # ZeRO-3 forwards are collective: ranks whose share ran out run a dummy batch until every rank is done.
+            if edist.all_reduce_max(0.0 if batch is None else 1.0) == 0.0:
+                break
+            if batch is None:
+                self.engine(dummy)
+                continue
+            images, labels = to_device(batch, self.device, self.dtype)
+            logits = self.engine(images).float()
+            topk = logits.topk(k, dim=1).indices
+            hit = topk == labels[:, None]
+            totals += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(),
+                                    F.cross_entropy(logits, labels, reduction='sum').item(), labels.numel()],
+                                   dtype=torch.float64)
+        totals = edist.all_reduce_sum(totals)
+        self.engine.train()
+        n = max(totals[3].item(), 1.0)
+        return {'top1': 100 * totals[0].item() / n, f'top{k}': 100 * totals[1].item() / n,
+                'loss': totals[2].item() / n, 'images': int(totals[3].item())}
+
+
+def _criterion(cfg: TrainConfig, soft_targets: bool):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if soft_targets:
+        return SoftTargetCrossEntropy()  # Mixup already folds label smoothing into the soft targets
+    if cfg.loss.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.loss.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def _seed_rank_streams(seed: int, rank: int, step: int) -> None:
+    # Drop path, Mixup draws: a different stream per rank (and per restart point when RNG states are not restored).
+    import random
+
+    import numpy as np
+
+    s = (seed * 1_000_003 + rank * 10_007 + step) % 2 ** 31
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
