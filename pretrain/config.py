@@ -10,6 +10,7 @@ Units are in the names: ``*_steps`` count optimizer steps, ``micro_batch_size`` 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -152,6 +153,7 @@ class RunConfig:
     seed: int = 0
     max_nonfinite_in_a_row: int = 5
     eval_interval_steps: int = 0  # 0 = only at the end
+    stop_after_steps: int | None = None  # leave after this many steps in this process, with a checkpoint (time limits)
     deterministic: bool = False
 
 
@@ -181,8 +183,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
 
 
+_YAML11_FLOAT = re.compile(r'^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$')
+
+
 def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
-    """``value`` as type ``tp`` or ConfigError; ints are accepted for floats, nothing else is coerced."""
+    """``value`` as type ``tp`` or ConfigError; ints and 1e-3 style strings pass as floats, nothing else is coerced."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -226,6 +231,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f'{where}: {key}: expected an integer, got {value!r}')
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-3 without a dot as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f'{where}: {key}: expected a number, got {value!r}')
         return float(value)
@@ -456,5 +463,7 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
         fail('logging.interval_steps', 'must be >= 1')
     if cfg.run.max_nonfinite_in_a_row < 1:
         fail('run.max_nonfinite_in_a_row', 'must be >= 1')
+    if cfg.run.stop_after_steps is not None and cfg.run.stop_after_steps < 1:
+        fail('run.stop_after_steps', 'must be >= 1')
     if cfg.run.eval_interval_steps < 0:
         fail('run.eval_interval_steps', 'must be >= 0')

@@ -39,9 +39,9 @@ __all__ = ['CheckpointManager', 'ResumePlan', 'TrainState', 'find_complete_check
 
 MARKER = 'COMPLETE'
 _STEP_DIR = re.compile(r'^step_(\d{8})$')
-# Tests only: seconds to sleep inside a save after the rank files are written and before the commit, so that a
-# test can kill -9 the run mid-save.
-DEBUG_SAVE_PAUSE_ENV = 'PRETRAIN_DEBUG_SAVE_PAUSE_S'
+# Tests only: 'STEP:SECONDS' sleeps inside the save of STEP after the rank files are written and before the commit,
+# so that a test can kill -9 the run mid-save.
+DEBUG_SAVE_PAUSE_ENV = 'PRETRAIN_DEBUG_SAVE_PAUSE'
 
 
 @dataclass
@@ -214,9 +214,9 @@ class CheckpointManager:
                                os.path.join(step_dir, 'trainer.pt'))
             with open(os.path.join(step_dir, 'config.yaml'), 'w') as f:
                 yaml.safe_dump(config, f, sort_keys=False)
-        pause = float(os.environ.get(DEBUG_SAVE_PAUSE_ENV, 0) or 0)
-        if pause:
-            time.sleep(pause)
+        pause = os.environ.get(DEBUG_SAVE_PAUSE_ENV, '')
+        if pause and int(pause.split(':')[0]) == state.step:
+            time.sleep(float(pause.split(':')[1]))
         edist.barrier()  # every rank's files are on disk
         if self.rank == 0:
             marker = {'step': state.step, 'world_size': self.world_size, 'samples_seen': state.samples_seen,

@@ -210,7 +210,14 @@ class Trainer:
         window = {'loss_sum': 0.0, 'loss_n': 0, 'samples': self.state.samples_seen, 'time': time.time()}
         eval_result: dict = {}
         self.engine.train()
+        start_step = self.state.step
         while self.state.step < self.total_steps:
+            if cfg.run.stop_after_steps is not None and self.state.step - start_step >= cfg.run.stop_after_steps:
+                self.save()
+                self.log(f'stopping after {cfg.run.stop_after_steps} steps in this run (run.stop_after_steps)')
+                self.metrics.close()
+                return {'step': self.state.step, 'samples_seen': self.state.samples_seen, 'stopped_early': True,
+                        'last_checkpoint': self.last_checkpoint}
             res = self.train_step(next_micro)
             if math.isfinite(res.loss):
                 window['loss_sum'] += res.loss

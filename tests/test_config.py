@@ -1,0 +1,139 @@
+"""The typed config: YAML + overrides, and every kind of bad value failing early with the file and key named."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config
+from pretrain.engine.ds_config import build_deepspeed_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / 'configs' / 'stage' / 'supervised_tiny.yaml'
+
+MINIMAL = """
+data:
+  train: [{name: a, urls: "/x/a-{000000..000003}.tar"}]
+schedule:
+  total_steps: 100
+  warmup_steps: 10
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / 'run.yaml'
+    p.write_text(text)
+    return p
+
+
+def test_shipped_tiny_config_loads():
+    cfg = load_config(TINY)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model.kwargs['depths'] == [1, 1, 2, 1]
+    assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.precision == 'bf16'
+
+
+def test_overrides_typed_and_nested(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ['deepspeed.zero_stage=3', 'optim.betas=[0.9, 0.95]',
+                                                 'model.kwargs.channels=32', 'ema.enabled=true',
+                                                 'optim.lr_base=1e-3', 'data.train=[{name: b, urls: /y.tar}]'])
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.model.kwargs == {'channels': 32}
+    assert cfg.ema.enabled is True
+    assert cfg.optim.lr_base == 1e-3 and isinstance(cfg.optim.lr_base, float)
+    assert cfg.data.train[0].urls == '/y.tar'
+    # round trip through plain dicts
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize('text, key', [
+    (MINIMAL + 'deepspeed: {zero_stag: 2}\n', 'deepspeed.zero_stag'),
+    (MINIMAL + 'bogus: 1\n', 'bogus'),
+    (MINIMAL.replace('name: a', 'name: a, url2: 1'), 'data.train[0]'),
+])
+def test_unknown_key_in_file_names_file_and_key(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and key.split('[')[0] in str(e.value) and 'unknown key' in str(e.value)
+
+
+@pytest.mark.parametrize('text, key', [
+    (MINIMAL + 'deepspeed: {zero_stage: two}\n', 'deepspeed.zero_stage'),
+    (MINIMAL + 'deepspeed: {micro_batch_size: 8.5}\n', 'deepspeed.micro_batch_size'),
+    (MINIMAL + 'ema: {enabled: "yes"}\n', 'ema.enabled'),
+    (MINIMAL + 'deepspeed: {precision: fp8}\n', 'deepspeed.precision'),
+    (MINIMAL + 'optim: {betas: [0.9]}\n', 'optim.betas'),
+])
+def test_wrong_type_names_file_and_key(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and key in str(e.value)
+
+
+@pytest.mark.parametrize('override, key', [
+    ('deepspeed.offload_param=cpu', 'deepspeed.offload_param'),  # needs stage 3
+    ('deepspeed.zero_stage=4', 'deepspeed.zero_stage'),
+    ('schedule.warmup_steps=100', 'schedule.warmup_steps'),  # nothing left after warmup
+    ('schedule.epochs=3', 'schedule.epochs'),  # both epochs and total_steps
+    ('optim.layer_decay=1.5', 'optim.layer_decay'),
+    ('checkpoint.keep_last=0', 'checkpoint.keep_last'),
+    ('deepspeed.extra={bf16: {enabled: true}}', 'deepspeed.extra.bf16'),
+    ('data.img_size=100', 'data.img_size'),
+])
+def test_impossible_combinations_fail(tmp_path, override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, MINIMAL), [override])
+    assert key in str(e.value)
+
+
+def test_mixup_needs_even_micro_batch(tmp_path):
+    with pytest.raises(ConfigError, match='deepspeed.micro_batch_size'):
+        load_config(write(tmp_path, MINIMAL), ['loss.mixup_alpha=0.8', 'deepspeed.micro_batch_size=7'])
+
+
+def test_unknown_override_key_and_bad_syntax(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r'command line: optim\.lr_peak: unknown key'):
+        load_config(path, ['optim.lr_peak=1'])
+    with pytest.raises(ConfigError, match='key.sub=value'):
+        load_config(path, ['optim.lr_base'])
+    with pytest.raises(ConfigError, match=r'optim\.lr_base.*expected a number'):
+        load_config(path, ['optim.lr_base=fast'])
+
+
+def test_file_errors_reported_before_overrides_could_hide_them(tmp_path):
+    path = write(tmp_path, MINIMAL + 'deepspeed: {zero_stage: x}\n')
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path, ['deepspeed.zero_stage=2'])
+
+
+def test_deepspeed_config_from_ours(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ['deepspeed.zero_stage=3', 'deepspeed.offload_param=cpu',
+                                                 'deepspeed.offload_optimizer=cpu', 'deepspeed.micro_batch_size=16',
+                                                 'deepspeed.grad_accum_steps=4', 'deepspeed.precision=bf16'])
+    ds = build_deepspeed_config(cfg, world_size=8, lr_peak=4e-3)
+    assert ds['train_batch_size'] == 16 * 4 * 8
+    assert ds['zero_optimization']['stage'] == 3
+    assert ds['zero_optimization']['offload_param']['device'] == 'cpu'
+    assert ds['zero_optimization']['offload_optimizer']['device'] == 'cpu'
+    assert ds['bf16']['enabled'] and not ds['fp16']['enabled']
+    assert ds['optimizer']['params']['torch_adam'] is False  # offload runs DeepSpeedCPUAdam
+    assert ds['gradient_clipping'] == 5.0
+    # DeepSpeed's own parser accepts it (without a process group it assumes one rank)
+    from deepspeed.runtime.config import DeepSpeedConfig
+    parsed = DeepSpeedConfig(build_deepspeed_config(cfg, world_size=1, lr_peak=4e-3))
+    assert parsed.zero_optimization_stage == 3 and parsed.gradient_accumulation_steps == 4
+    assert parsed.train_batch_size == 64 and parsed.bfloat16_config.enabled
+
+
+def test_cli_rejects_bad_config_before_work(tmp_path):
+    import subprocess
+    import sys
+    path = write(tmp_path, MINIMAL + 'deepspeed: {zero_stage: 7}\n')
+    res = subprocess.run([sys.executable, '-m', 'pretrain', 'train', str(path)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert res.returncode == 2
+    assert 'deepspeed.zero_stage' in res.stderr and str(path) in res.stderr
