@@ -45,6 +45,15 @@ VARIANTS = {  # the norm-placement / head variants of the official sizes, at tin
 }
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is faster than two competing with other processes on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _spec_keys(suffix: str) -> list[tuple[str, tuple[int, ...]]]:
     rows = (line.rstrip('\n').split('\t') for line in (SPEC_KEYS / f'internimage_{suffix}_1000cls_keys.tsv').open())
     return [(k, tuple(ast.literal_eval(shape))) for k, shape in rows]
