@@ -452,10 +452,8 @@ class InternImage(nn.Module):
                 build_act_layer(act_layer),
             )
             self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-            self.pool_features = self.head_hidden_size
         else:
             self.head_hidden_size = CLIP_EMBED_DIM
-            self.pool_features = CLIP_PRETRAIN_EMBED_DIM
             self.dcnv3_head_x4 = nn.Sequential(
                 nn.Conv2d(self.num_features, CLIP_PRETRAIN_EMBED_DIM * CLIP_UPSAMPLE_STRIDE ** 2, kernel_size=1),
                 nn.PixelShuffle(CLIP_UPSAMPLE_STRIDE),
