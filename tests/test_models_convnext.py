@@ -119,3 +119,50 @@ def test_features_only_and_checkpoint_path(name, tmp_path):
 def test_unknown_name_is_rejected():
     with pytest.raises(ValueError, match='unknown model'):
         create_backbone('internimage_zz')
+
+
+def _to_fb_layout(sd: dict) -> dict:
+    """timm ConvNeXt keys -> the original facebookresearch ConvNeXt V1/V2 release layout."""
+    import re
+
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r'^stem\.(\d)\.', r'downsample_layers.0.\1.', k)
+        k = re.sub(r'^stages\.(\d+)\.downsample\.(\d)\.', r'downsample_layers.\1.\2.', k)
+        k = re.sub(r'^stages\.(\d+)\.blocks\.(\d+)\.', r'stages.\1.\2.', k)
+        k = k.replace('conv_dw', 'dwconv').replace('mlp.fc1', 'pwconv1').replace('mlp.fc2', 'pwconv2')
+        if 'mlp.grn.' in k:
+            k = k.replace('mlp.grn.weight', 'grn.gamma').replace('mlp.grn.bias', 'grn.beta')
+            v = v.reshape(1, 1, 1, -1)
+        k = re.sub(r'^head\.norm\.', 'norm.', k)
+        k = re.sub(r'^head\.fc\.', 'head.', k)
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize('name', ['convnext_atto', 'convnextv2_atto'])
+def test_original_convnext_release_layout_loads(name, tmp_path):
+    torch.manual_seed(0)
+    src = create_backbone(name, num_classes=10)
+    fb = _to_fb_layout(src.state_dict())
+    assert 'downsample_layers.0.0.weight' in fb and not set(fb) & {'stem.0.weight', 'head.fc.weight'}
+    path = tmp_path / 'fb.pth'
+    torch.save({'model': {f'module.{k}': v for k, v in fb.items()}}, path)
+    dst = create_backbone(name, num_classes=10, checkpoint_path=path)
+    assert dst.load_report.ok, str(dst.load_report)
+    assert any('checkpoint_filter_fn' in note for note in dst.load_report.layout)
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k
+
+
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_features_only_loads_a_full_checkpoint(name, tmp_path):
+    src = create_backbone(name, num_classes=10, **FAMILIES[name])
+    path = tmp_path / 'full.pth'
+    torch.save({'model': src.state_dict()}, path)
+    feats = create_backbone(name, features_only=True, checkpoint_path=path, **FAMILIES[name])
+    report = feats.load_report
+    assert not report.missing and not report.mismatched, str(report)
+    assert report.unexpected and all('head' in k for k in report.unexpected)  # pruned classifier parts
+    for k, v in feats.model.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k

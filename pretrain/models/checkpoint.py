@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -125,7 +126,9 @@ def _strip_prefixes(sd: dict, model_keys: set[str], report: LoadReport) -> dict:
         if prefix == 'student.':
             # M3I: the student is the model; the teacher and the student projector are training-only.
             stripped = {k: v for k, v in stripped.items() if not k.startswith('student_proj')}
-        if len(model_keys & stripped.keys()) <= len(model_keys & sd.keys()):
+        # A prefix on every key is a wrapper even when the keys are not the model's yet (e.g. FB ConvNeXt layout).
+        wraps_all = len(with_prefix) == len(sd) and not any(k.startswith(prefix) for k in model_keys)
+        if not wraps_all and len(model_keys & stripped.keys()) <= len(model_keys & sd.keys()):
             continue
         report.layout.append(f"prefix '{prefix}'")
         report.dropped += [k for k in sd if not k.startswith(prefix) or k[len(prefix):] not in stripped]
@@ -149,6 +152,28 @@ def _convert_m3i_sim(sd: dict, report: LoadReport) -> dict:
             report.dropped.append(k)
     report.layout.append('M3I sim')
     return out
+
+
+def _family_filter(sd: dict, model: nn.Module, model_keys: set[str], report: LoadReport) -> dict:
+    """Other timm families: their own ``checkpoint_filter_fn`` (e.g. the original FB ConvNeXt V1/V2 layout).
+
+    Applied only when the keys do not already match the model (timm's filters expect unprefixed original keys).
+    """
+    if len(model_keys & sd.keys()) >= len(model_keys) // 2 or type(model).__name__ == 'InternImage':
+        return sd
+    module = sys.modules.get(type(model).__module__)
+    filter_fn = getattr(module, 'checkpoint_filter_fn', None)
+    if filter_fn is None:
+        return sd
+    try:
+        out = filter_fn(dict(sd), model)
+    except (KeyError, RuntimeError, ValueError) as e:  # the layout is not the one this filter knows
+        _logger.debug('%s.checkpoint_filter_fn did not apply: %s', module.__name__, e)
+        return sd
+    if len(model_keys & out.keys()) > len(model_keys & sd.keys()):
+        report.layout.append(f'{module.__name__}.checkpoint_filter_fn')
+        return out
+    return sd
 
 
 def _remove_center(name: str, value: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -189,6 +214,7 @@ def convert_state_dict(
     if next(iter(sd)) == 'mask_token' or (any(k.startswith('dcnv3.') for k in sd) and not model_keys & sd.keys()):
         sd = _convert_m3i_sim(sd, report)
     sd = _strip_prefixes(sd, model_keys, report)
+    sd = _family_filter(sd, model, model_keys, report)
 
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():

@@ -23,6 +23,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from timm.models._features import FeatureGetterNet
 
 from pretrain.models.checkpoint import LoadReport, load_checkpoint
 from pretrain.models.internimage import InternImage
@@ -90,10 +91,14 @@ def create_backbone(
         grad_checkpointing = True
     if not timm.is_model(name):
         raise ValueError(f'unknown model {name!r}; InternImage names: {timm.list_models("internimage*")}')
+    if kwargs.get('features_only'):
+        # One wrapper for every family: forward_intermediates outputs, the model kept intact as .model.
+        kwargs.setdefault('feature_cls', 'getter')
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     report: LoadReport | None = None
     if checkpoint_path is not None:
-        report = load_checkpoint(model, checkpoint_path, head_index=head_index)
+        target = model.model if isinstance(model, FeatureGetterNet) else model
+        report = load_checkpoint(target, checkpoint_path, head_index=head_index)
     set_grad_checkpointing(model, grad_checkpointing, every=grad_checkpointing_every)
     if report is not None:
         model.load_report = report
