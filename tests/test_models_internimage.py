@@ -121,6 +121,7 @@ def test_drop_path_schedule_linear_and_uniform():
 
 # ------------------------------------------------------------------------------------------------ init
 def test_official_initialisation():
+    torch.manual_seed(0)
     model = InternImage(core_op=CORE_OP, channels=64, depths=(1, 1, 2, 1), groups=(4, 8, 16, 32), layer_scale=1e-5,
                         center_feature_scale=True, post_norm=True, num_classes=1000)
     layer = model.levels[2].blocks[0]
