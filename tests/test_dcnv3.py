@@ -234,3 +234,34 @@ def test_cuda_kernel_compiles_for_sm90():
                          text=True, timeout=1200)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "cuda: built" in res.stdout
+
+
+@pytest.mark.slow
+def test_failed_build_is_remembered_across_processes(tmp_path):
+    """A broken compile fails once; later processes fall back at once with the reason; `ops build` retries."""
+    import shutil
+    import time
+
+    csrc = tmp_path / "csrc"
+    shutil.copytree(os.path.join(REPO, "csrc", "dcnv3"), csrc)
+    source = csrc / "dcnv3_cpu.cpp"
+    source.write_text("#include \"deliberately_broken_for_the_test.h\"\n" + source.read_text())  # fatal at once
+    env = dict(os.environ, DCNV3_CSRC=str(csrc), DCNV3_BUILD_DIR=str(tmp_path / "cache"), PYTHONPATH=REPO)
+    probe = ("from pretrain.ops import build\n"
+             "assert build.load_cpu() is None\n"
+             "print(build.failure('cpu'))\n")
+
+    def run(args):
+        start = time.perf_counter()
+        res = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+        return res, time.perf_counter() - start
+
+    first, _ = run(["-c", probe])
+    assert first.returncode == 0 and "deliberately_broken" in first.stdout, first.stdout + first.stderr
+    assert list((tmp_path / "cache").glob("*/*/BUILD_FAILED.json"))
+    second, _ = run(["-c", probe])
+    assert second.returncode == 0 and "an earlier build of these sources failed" in second.stdout, second.stdout
+    assert "deliberately_broken" in second.stdout
+    forced, _ = run(["-m", "pretrain.ops", "build"])
+    assert forced.returncode == 1 and "deliberately_broken" in forced.stderr, forced.stdout + forced.stderr
+    assert "an earlier build" not in forced.stderr

@@ -28,12 +28,12 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from pretrain.ops import DCNv3, build_act_layer, build_norm_layer
+from pretrain.ops import CORE_OPS, DCNv3, build_act_layer, build_norm_layer
 
 __all__ = ['InternImage', 'CORE_OP_BACKENDS', 'checkpoint_filter_fn']
 
-# Official ``core_op`` names -> backend of our operator. Both official ops have identical parameters and keys.
-CORE_OP_BACKENDS = {'DCNv3': 'auto', 'DCNv3_pytorch': 'pytorch'}
+# Official ``core_op`` names -> backend of our operator (both official ops have identical parameters and keys).
+CORE_OP_BACKENDS = CORE_OPS
 
 # Constants of the H/G classification head (fixed in the official code, not constructor arguments).
 CLIP_PRETRAIN_EMBED_DIM = 1024

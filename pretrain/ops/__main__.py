@@ -52,7 +52,7 @@ def cmd_build(args) -> int:
     kinds = ["cpu"] + (["cuda"] if args.cuda else [])
     status = 0
     for kind in kinds:
-        module = build.load_cpu() if kind == "cpu" else build.load_cuda()
+        module = build.load_cpu(force=True) if kind == "cpu" else build.load_cuda(force=True)
         if module is None:
             print(f"{kind}: build FAILED - {build.failure(kind)}", file=sys.stderr)
             status = 1

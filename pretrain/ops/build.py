@@ -16,6 +16,8 @@ falls back to the reference with one warning.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -89,22 +91,49 @@ def _build(name: str, sources: list[Path], cuda: bool) -> ModuleType:
     return cpp_extension.load(**kwargs)
 
 
-def _load(name: str, sources: list[Path], cuda: bool) -> ModuleType | None:
+def _fingerprint(name: str, sources: list[Path]) -> str:
+    """What a build depends on: sources and headers, the extension's name (ISA / architectures) and torch."""
+    digest = hashlib.sha256(f"{name}|{torch.__version__}|{sys.version_info[:2]}".encode())
+    for path in sorted(set(sources) | set(CSRC.glob("*.h"))):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _load(name: str, sources: list[Path], cuda: bool, force: bool = False) -> ModuleType | None:
     with _lock:
         if name in _loaded:
             return _loaded[name]
-        if name in _failed:
+        if name in _failed and not force:
             return None
         missing = [str(s) for s in sources if not s.is_file()]
         if missing:
             _failed[name] = f"sources not found: {', '.join(missing)} (set DCNV3_CSRC to the csrc/dcnv3 folder)"
             return None
+        # A failed build is remembered on disk, so that every later process (each rank, each test) does not spend
+        # minutes failing again; changed sources or `python -m pretrain ops build` (force) try again.
+        marker = cache_root() / name / "BUILD_FAILED.json"
+        fingerprint = _fingerprint(name, sources)
+        if not force and marker.is_file():
+            try:
+                record = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                record = {}
+            if record.get("fingerprint") == fingerprint:
+                _failed[name] = (f"an earlier build of these sources failed ({record.get('reason', '?')}); "
+                                 "`python -m pretrain ops build` tries again")
+                return None
         try:
             module = _build(name, sources, cuda)
         except Exception as exc:  # noqa: BLE001 - any compiler/linker failure becomes a reported fallback
             lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
             _failed[name] = f"{type(exc).__name__}: {' | '.join(lines[-6:])}"
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"fingerprint": fingerprint, "reason": _failed[name]}))
+            tmp.replace(marker)
             return None
+        marker.unlink(missing_ok=True)
+        _failed.pop(name, None)
         _loaded[name] = module
         return module
 
@@ -118,13 +147,15 @@ def cuda_extension_name() -> str:
     return f"dcnv3_cuda_sm{archs}"
 
 
-def load_cpu() -> ModuleType | None:
-    """The fused CPU extension, built on first call; None if it cannot be built (see :func:`failure`)."""
-    return _load(cpu_extension_name(), [CSRC / "dcnv3_cpu.cpp"], cuda=False)
+def load_cpu(force: bool = False) -> ModuleType | None:
+    """The fused CPU extension, built on first call; None if it cannot be built (see :func:`failure`).
+    ``force`` retries a build that failed before."""
+    return _load(cpu_extension_name(), [CSRC / "dcnv3_cpu.cpp"], cuda=False, force=force)
 
 
-def load_cuda() -> ModuleType | None:
-    """The CUDA extension, built on first call; None if it cannot be built (see :func:`failure`)."""
+def load_cuda(force: bool = False) -> ModuleType | None:
+    """The CUDA extension, built on first call; None if it cannot be built (see :func:`failure`).
+    ``force`` retries a build that failed before."""
     from torch.utils import cpp_extension
 
     name = cuda_extension_name()
@@ -133,7 +164,7 @@ def load_cuda() -> ModuleType | None:
         if home is None and cpp_extension.CUDA_HOME is None:
             _failed[name] = "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
             return None
-    return _load(name, [CSRC / "dcnv3_cuda.cu"], cuda=True)
+    return _load(name, [CSRC / "dcnv3_cuda.cu"], cuda=True, force=force)
 
 
 def failure(kind: str) -> str | None:
