@@ -1,0 +1,149 @@
+"""The run folder: one per ``submit`` / ``cascade`` / ``sbatch`` / local run.
+
+Layout::
+
+    <runs_root>/<name>-<UTC time>/
+        run.json                   what was launched: mode, stages, their job ids and dependencies, code folder
+        code/                      snapshot of pretrain/ data_pipelines/ launch/ configs/ taken at submission
+        stages/<stage>/
+            launch.yaml            the stage's resolved launch spec (resources, train config, overrides)
+            train_config.yaml      the resolved training config (as the worker will load it, init path aside)
+            job.sbatch             the batch script (sbatch mode)
+            logs/                  each rank's stdout/stderr (Submitit: <job>_<rank>_log.out/.err; sbatch and local:
+                                   <job>_<rank>.out/.err), Submitit's pickles
+            events.jsonl           start / end events written by rank 0 of every (re)start
+            init/                  the predecessor's consolidated weights (cascades)
+            out/                   the training output: checkpoints/, metrics.jsonl, summary.json
+        summary.json               written by `status`: each stage's state, step and last checkpoint
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from launch.config import CascadeSpec, StageSpec, to_dict
+
+__all__ = ['Run', 'create_run', 'open_run', 'SNAPSHOT_DIRS', 'REPO_ROOT']
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# csrc/ is not copied: torch's JIT build keys the DCNv3 extension on the include path, so a copy per run would
+# recompile it (minutes) in every run; jobs get DCNV3_CSRC=<repo>/csrc/dcnv3 and the content-keyed build cache.
+SNAPSHOT_DIRS = ('pretrain', 'data_pipelines', 'launch', 'configs')
+DCNV3_CSRC = REPO_ROOT / 'csrc' / 'dcnv3'
+_IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc', '.pytest_cache', '*.egg-info')
+
+
+@dataclass
+class Run:
+    root: Path
+    meta: dict
+
+    @property
+    def code_dir(self) -> Path:
+        return Path(self.meta['code_dir'])
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.meta['workdir'])
+
+    def stage_dir(self, name: str) -> Path:
+        return self.root / 'stages' / name
+
+    def stage_meta(self, name: str) -> dict:
+        for s in self.meta['stages']:
+            if s['name'] == name:
+                return s
+        raise KeyError(name)
+
+    def stage_spec(self, name: str) -> StageSpec:
+        from launch.config import Resources, _build
+        raw = yaml.safe_load((self.stage_dir(name) / 'launch.yaml').read_text())
+        st = _build(StageSpec, {k: v for k, v in raw.items() if k != 'resources'}, '', 'launch.yaml')
+        st.resources = _build(Resources, raw['resources'], 'resources', 'launch.yaml')
+        return st
+
+    def job_env(self) -> dict[str, str]:
+        """Variables every rank of every stage gets (besides PYTHONPATH = the code folder)."""
+        return {'DCNV3_CSRC': os.environ.get('DCNV3_CSRC', self.meta.get('dcnv3_csrc', str(DCNV3_CSRC)))}
+
+    def save(self) -> None:
+        tmp = self.root / f'run.json.tmp{os.getpid()}'
+        tmp.write_text(json.dumps(self.meta, indent=1))
+        os.replace(tmp, self.root / 'run.json')
+
+    def worker_argv(self, name: str) -> list[str]:
+        """The arguments of ``python -m launch.worker`` for one stage (paths absolute)."""
+        st = self.stage_spec(name)
+        meta = self.stage_meta(name)
+        argv = ['--stage-dir', str(self.stage_dir(name)), '--workdir', str(self.workdir),
+                '--max-requeues', str(st.resources.max_requeues),
+                '--requeue-signals', ','.join(st.resources.requeue_signals)]
+        if meta.get('init_from'):
+            argv += ['--init-from', str(self.stage_dir(meta['init_from']) / 'out')]
+        return argv + [meta['train_config'], *st.overrides]
+
+
+def _snapshot(dest: Path, source: Path) -> None:
+    dest.mkdir(parents=True)
+    for d in SNAPSHOT_DIRS:
+        if (source / d).is_dir():
+            shutil.copytree(source / d, dest / d, ignore=_IGNORE, symlinks=True)
+
+
+def create_run(spec: CascadeSpec, mode: str, kind: str, snapshot: bool = True) -> Run:
+    """Make the run folder for ``spec`` (stages, resolved configs, code snapshot). ``mode``: slurm / local / sbatch;
+    ``kind``: stage / cascade. Without ``snapshot`` the stages run the repository's code as it is at run time."""
+    from pretrain.config import config_to_dict, load_config
+
+    runs_root = Path(spec.runs_root).resolve()
+    stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+    root = runs_root / f'{spec.name}-{stamp}'
+    n = 1
+    while root.exists():
+        n += 1
+        root = runs_root / f'{spec.name}-{stamp}-{n}'
+    root.mkdir(parents=True)
+    code_dir = root / 'code'
+    if snapshot:
+        _snapshot(code_dir, REPO_ROOT)
+    else:
+        code_dir = REPO_ROOT
+    workdir = Path.cwd().resolve()
+    stages = []
+    for st in spec.stages:
+        sdir = root / 'stages' / st.name
+        (sdir / 'logs').mkdir(parents=True)
+        (sdir / 'launch.yaml').write_text(yaml.safe_dump(to_dict(st), sort_keys=False))
+        cfg = load_config(st.train_config, list(st.overrides) + [f'run.output_dir={sdir / "out"}'])
+        (sdir / 'train_config.yaml').write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        # The worker reads the training config from the snapshot, so that later edits do not change a requeued job.
+        train_config = Path(st.train_config).resolve()
+        if snapshot and train_config.is_relative_to(REPO_ROOT):
+            train_config = code_dir / train_config.relative_to(REPO_ROOT)
+        elif snapshot:
+            copied = sdir / ('train_' + train_config.name)
+            shutil.copy2(train_config, copied)
+            train_config = copied
+        stages.append({'name': st.name, 'init_from': st.init_from, 'train_config': str(train_config),
+                       'job_ids': [], 'dependency': None})
+    meta = {'name': spec.name, 'kind': kind, 'mode': mode, 'created': time.time(), 'code_dir': str(code_dir),
+            'snapshot': snapshot, 'dcnv3_csrc': str(DCNV3_CSRC), 'workdir': str(workdir), 'python': sys.executable,
+            'stages': stages}
+    run = Run(root, meta)
+    run.save()
+    return run
+
+
+def open_run(path: str | Path) -> Run:
+    root = Path(path).resolve()
+    f = root / 'run.json'
+    if not f.is_file():
+        raise FileNotFoundError(f'{root} is not a run folder (no run.json)')
+    return Run(root, json.loads(f.read_text()))

@@ -1,0 +1,200 @@
+"""One rank of a stage: ``python -m launch.worker --stage-dir DIR [--init-from DIR] CONFIG [key=value ...]``.
+
+What ``python -m pretrain train CONFIG [overrides]`` does, plus what a launched stage needs around it:
+
+- the rendezvous under Slurm when nothing set it: ``MASTER_ADDR`` = first host of the job's node list,
+  ``MASTER_PORT`` = ``10000 + SLURM_JOB_ID % 20000`` (two jobs sharing a node do not clash);
+- ``run.output_dir`` = ``<stage dir>/out``;
+- ``--init-from PRED_OUT``: rank 0 consolidates the newest complete checkpoint of the predecessor stage into
+  ``<stage dir>/init/<...>.pt`` (fp32, ``{'model': state_dict}``), every rank passes it as ``model.checkpoint_path``
+  (a resumed stage then loads its own checkpoint over it);
+- preemption: ``--requeue-signals USR2`` makes the signal save a checkpoint on every rank at the next step boundary
+  and requeue the job (launch/preemption.py); the trainer is subclassed for that until the engine calls
+  ``launch.preemption`` itself;
+- rank 0 appends start/end events to ``<stage dir>/events.jsonl`` (what ``python -m launch status`` reads when Slurm
+  has forgotten the job).
+
+Exit status: 0 done, 75 saved and requeued (or to be restarted by the local runner), 2 config error, 3 non-finite
+loss, 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from launch import preemption
+
+__all__ = ['main', 'StageTask', 'record_event', 'ensure_init_weights', 'export_rendezvous']
+
+
+def _rank() -> int:
+    for key in ('RANK', 'SLURM_PROCID'):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def log(msg: str) -> None:
+    print(f'[launch rank {_rank()}] {msg}', flush=True)
+
+
+def record_event(stage_dir: str | Path, event: str, **fields) -> None:
+    """Append one JSON line to ``<stage_dir>/events.jsonl`` (rank 0 only; O_APPEND keeps lines whole)."""
+    row = {'event': event, 'time': time.time(), 'host': socket.gethostname(),
+           'job_id': os.environ.get('SLURM_JOB_ID'), 'restart_count': preemption.restart_count(), **fields}
+    with open(os.path.join(stage_dir, 'events.jsonl'), 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
+def export_rendezvous() -> None:
+    """Under Slurm with several tasks and no MASTER_ADDR/PORT: derive them (see the module docstring)."""
+    if 'SLURM_JOB_ID' not in os.environ or ('RANK' in os.environ and 'WORLD_SIZE' in os.environ):
+        return
+    if 'MASTER_ADDR' not in os.environ:
+        from pretrain.engine.dist import expand_nodelist
+        nodes = os.environ.get('SLURM_JOB_NODELIST') or os.environ.get('SLURM_STEP_NODELIST') or '127.0.0.1'
+        os.environ['MASTER_ADDR'] = expand_nodelist(nodes)[0]
+    os.environ.setdefault('MASTER_PORT', str(10000 + int(os.environ['SLURM_JOB_ID']) % 20000))
+
+
+def ensure_init_weights(pred_out: str | Path, dest_dir: str | Path, rank: int, timeout_s: float = 3600) -> Path:
+    """The predecessor's newest complete checkpoint as an fp32 ``{'model': state_dict}`` file under ``dest_dir``.
+
+    Rank 0 writes it once (temp file + rename); other ranks wait for it. Raises FileNotFoundError when the
+    predecessor has no complete checkpoint."""
+    from pretrain.engine.checkpoint import find_complete_checkpoints
+
+    found = find_complete_checkpoints(os.path.join(pred_out, 'checkpoints'))
+    if not found:
+        raise FileNotFoundError(f'init_from: no complete checkpoint under {pred_out}/checkpoints')
+    step, step_dir = found[-1]
+    dest = Path(dest_dir) / f'{Path(pred_out).parent.name}_step_{step:08d}.pt'
+    if rank == 0 and not dest.exists():
+        import torch
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        sd = get_fp32_state_dict_from_zero_checkpoint(step_dir, tag=f'global_step{step}')
+        tmp = dest.with_suffix(f'.tmp{os.getpid()}')
+        torch.save({'model': {k: v.contiguous() for k, v in sd.items()}, 'source': step_dir, 'step': step}, tmp)
+        os.replace(tmp, dest)
+        log(f'init weights: {len(sd)} tensors from {step_dir} -> {dest}')
+    deadline = time.time() + timeout_s
+    while not dest.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f'rank {rank}: {dest} did not appear in {timeout_s:.0f}s (rank 0 writes it)')
+        time.sleep(0.5)
+    return dest
+
+
+def _trainer_class():
+    from pretrain.engine.trainer import Trainer
+
+    class PreemptibleTrainer(Trainer):
+        """The engine's Trainer plus a step-boundary check of the agreed preemption flag (save, then raise)."""
+
+        def train_step(self, next_micro_batch):
+            result = super().train_step(next_micro_batch)
+            if preemption.agreed():
+                self.save()
+                raise preemption.Preempted(self.state.step, self.last_checkpoint, preemption.signal_name())
+            return result
+
+    return PreemptibleTrainer
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog='python -m launch.worker', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--stage-dir', required=True, help='the stage folder in the run folder')
+    p.add_argument('--init-from', default=None, help="the predecessor stage's output folder")
+    p.add_argument('--max-requeues', type=int, default=3)
+    p.add_argument('--requeue-signals', default='USR2', help="comma-separated signal names ('' = none)")
+    p.add_argument('--workdir', default=None, help='chdir here first (relative paths in the training config)')
+    p.add_argument('config')
+    p.add_argument('overrides', nargs='*')
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.workdir:
+        os.chdir(args.workdir)
+    stage_dir = Path(args.stage_dir).resolve()
+    rank = _rank()
+    export_rendezvous()
+    signals = [s for s in args.requeue_signals.split(',') if s]
+    preemption.install(signals)  # early: a signal during start-up is honoured at the first step boundary
+    import launch
+    from pretrain.config import ConfigError, load_config
+    overrides = list(args.overrides) + [f'run.output_dir={stage_dir / "out"}']
+    if rank == 0:
+        record_event(stage_dir, 'start', world_size=int(os.environ.get('WORLD_SIZE') or
+                                                        os.environ.get('SLURM_NTASKS') or 1),
+                     code=str(Path(launch.__file__).parent.parent))
+    try:
+        if args.init_from:
+            overrides.append(f'model.checkpoint_path={ensure_init_weights(args.init_from, stage_dir / "init", rank)}')
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError, TimeoutError) as e:
+        log(f'error: {e}')
+        if rank == 0:
+            record_event(stage_dir, 'end', status='failed', exit_code=2, error=str(e))
+        return 2
+    log(f'code {Path(launch.__file__).parent.parent}, config {args.config}, output {cfg.run.output_dir}, '
+        f'requeue signals {signals or "none"}, restart {preemption.restart_count()}')
+    from pretrain.engine.trainer import NonFiniteError
+
+    try:
+        trainer = _trainer_class()(cfg)
+        summary = trainer.train()
+    except preemption.Preempted as e:
+        log(str(e))
+        if rank == 0:
+            record_event(stage_dir, 'end', status='requeued', exit_code=preemption.REQUEUE_EXIT_CODE, step=e.step,
+                         checkpoint=e.checkpoint, signal=e.signal_name)
+        preemption.requeue_and_exit(rank, args.max_requeues, log=log)
+        return preemption.REQUEUE_EXIT_CODE  # not reached
+    except NonFiniteError as e:
+        log(f'error: {e}')
+        if rank == 0:
+            record_event(stage_dir, 'end', status='failed', exit_code=3, error=str(e))
+        return 3
+    except BaseException as e:
+        if rank == 0:
+            record_event(stage_dir, 'end', status='failed', exit_code=1,
+                         error=''.join(traceback.format_exception_only(e)).strip()[-2000:])
+        raise
+    if rank == 0:
+        record_event(stage_dir, 'end', status='completed', exit_code=0, step=summary['step'],
+                     checkpoint=summary['last_checkpoint'])
+    return 0
+
+
+class StageTask:
+    """What Submitit runs in every task of a stage's job: ``main(argv)`` in-process.
+
+    Not checkpointable on purpose: the worker replaces Submitit's USR2 handler with launch.preemption (a collective
+    save needs every rank, Submitit's handler runs on rank 0 only), and a requeued job re-runs this same pickle,
+    which resumes from the newest complete checkpoint by itself (no stale resume path baked into the pickle)."""
+
+    def __init__(self, argv: list[str], code_dir: str):
+        self.argv, self.code_dir = list(argv), code_dir
+
+    def __call__(self) -> int:
+        if self.code_dir not in sys.path[:1]:
+            sys.path.insert(0, self.code_dir)
+        code = main(self.argv)
+        if code != 0:  # an exception fails the task, the Slurm job ends FAILED, afterok dependents do not start
+            raise RuntimeError(f'stage worker exited with status {code}')
+        return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())
