@@ -1,9 +1,8 @@
 """fp32 exponential moving average of the weights that works under every ZeRO stage.
 
 Each rank keeps the EMA of what it holds:
-- ZeRO-3: the local partition ``p.ds_tensor`` of every partitioned parameter (1-D, ``ceil(numel / world)``
-  elements), so the EMA costs **4 bytes x params / world_size per rank**; ZeRO-3 "persistent" small parameters
-  (``ds_persist``, kept whole on every rank) and float buffers are averaged whole.
+- ZeRO-3: the local partition ``p.ds_tensor`` of every parameter (1-D, ``ceil(numel / world)`` elements), so the
+  EMA costs **4 bytes x params / world_size per rank**; float buffers (not partitioned) are averaged whole.
 - ZeRO 0/1/2: the whole module on every rank, **4 bytes x params per rank** (the module is replicated anyway).
 The average is taken of the module weights (bf16/fp16 under mixed precision, fp32 otherwise) into fp32 accumulators,
 so tiny ``(1 - decay)`` updates are not rounded away (the official script keeps its EMA in fp16).
@@ -24,7 +23,8 @@ __all__ = ['EMA']
 
 
 def _partitioned(p: torch.Tensor) -> bool:
-    return getattr(p, 'ds_tensor', None) is not None and not getattr(p, 'ds_persist', False)
+    # ZeRO-3 persistent (small) parameters also live in ds_tensor; their whole copy is gathered lazily.
+    return getattr(p, 'ds_tensor', None) is not None
 
 
 def _source(p: torch.Tensor) -> torch.Tensor:
@@ -73,12 +73,21 @@ class EMA:
                 src = _source(t)
                 backup[name] = src.clone()
                 src.copy_(self.shadow[name].to(src.dtype))
+            self._refresh_persistent()
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, t in self._tensors():
                     _source(t).copy_(backup[name])
+                self._refresh_persistent()
+
+    def _refresh_persistent(self) -> None:
+        # ZeRO-3 keeps small "persistent" parameters gathered; re-gather them from the partitions just written.
+        persistent = [p for p in self.module.parameters()
+                      if getattr(p, 'ds_persist', False) and p.data.numel() == getattr(p, 'ds_numel', -1)]
+        if persistent:
+            persistent[0].all_gather(persistent)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole EMA as a model state_dict (fp32, parameter shapes); collective under ZeRO-3 (call on every

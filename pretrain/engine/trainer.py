@@ -175,6 +175,7 @@ class Trainer:
             losses.append(loss.item())
             if boundary:
                 break
+        self._sync_buffers()
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         skipped = grad_norm is not None and not math.isfinite(grad_norm)
@@ -186,6 +187,22 @@ class Trainer:
                 self.ema.update()
         self.state.step += 1
         return StepResult(sum(losses) / len(losses) if losses else float('nan'), grad_norm, skipped, consumed, dropped)
+
+    @torch.no_grad()
+    def _sync_buffers(self) -> None:
+        # BatchNorm running stats come from each rank's own micro-batches; average them every step so that every
+        # rank evaluates and checkpoints the same buffers (timm's distribute_bn, but always on).
+        if self.world_size == 1:
+            return
+        bufs = [b for b in self.engine.module.buffers() if b.is_floating_point()]
+        if not bufs:
+            return
+        flat = torch.cat([b.reshape(-1).float() for b in bufs])
+        flat = edist.all_reduce_sum(flat.cpu()) / self.world_size
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
+            offset += b.numel()
 
     def _count_nonfinite(self, what: str) -> None:
         self.state.nonfinite_total += 1

@@ -1,0 +1,372 @@
+"""The training engine: unit tests of its components, and 2-process CPU runs of real DeepSpeed (gloo) on real shards.
+
+Multi-process tests launch ``torchrun --nproc_per_node 2`` in a subprocess: either the real CLI
+(``python -m pretrain train``) or this file's ``__main__`` worker (ZeRO parity: fixed batches through the same
+``Trainer.train_step``). The model is a tiny InternImage (channels 16, one block per stage) on 32 px images.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {'name': 'internimage_t', 'num_classes': 200, 'drop_path_rate': 0.0,
+              'kwargs': {'channels': 16, 'depths': [1, 1, 1, 1], 'groups': [1, 2, 4, 8]}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# components, one process
+
+
+def tiny_model(num_classes=10):
+    from pretrain.models import create_backbone
+    return create_backbone('internimage_t', channels=16, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8),
+                           num_classes=num_classes, layer_scale=1e-5)
+
+
+def test_param_groups_layer_decay_dcn_mul_and_no_weight_decay():
+    from pretrain.engine.optim import build_param_groups
+    model = tiny_model()
+    groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.5, dcn_lr_mul=0.1)
+    by_name = {n: g for g in groups for n in g['param_names']}
+    assert sorted(by_name) == sorted(n for n, _ in model.named_parameters())  # every parameter exactly once
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
+    # 4 blocks -> layer ids 0..3; head shares the last block's group (scale 1), stem the first block's (0.5 ** 3)
+    assert by_name['head.weight']['lr_scale'] == 1.0
+    assert by_name['patch_embed.conv1.weight']['lr_scale'] == pytest.approx(0.5 ** 3)
+    assert by_name['levels.1.blocks.0.mlp.fc1.weight']['lr_scale'] == pytest.approx(0.5 ** 2)
+    assert by_name['levels.0.downsample.conv.weight']['lr_scale'] == pytest.approx(0.5 ** 2)  # joins level 1
+    # DCN offset projection gets the multiplier, the mask projection does not (official semantics)
+    assert by_name['levels.1.blocks.0.dcn.offset.weight']['lr_scale'] == pytest.approx(0.5 ** 2 * 0.1)
+    assert by_name['levels.1.blocks.0.dcn.mask.weight']['lr_scale'] == pytest.approx(0.5 ** 2)
+    # no weight decay: biases, norms, layer scales
+    for name in ('head.bias', 'levels.0.blocks.0.norm1.0.weight', 'levels.0.blocks.0.gamma1'):
+        assert by_name[name]['weight_decay'] == 0.0, name
+    assert by_name['levels.0.blocks.0.mlp.fc1.weight']['weight_decay'] == 0.05
+
+
+def test_cosine_schedule_warmup_and_state():
+    from pretrain.engine.optim import CosineWarmupSchedule, scaled_lr
+    assert scaled_lr(5e-4, 4096, 512) == pytest.approx(4e-3)
+    s = CosineWarmupSchedule(lr_peak=1.0, total_steps=110, warmup_steps=10, lr_warmup_init=0.0, lr_min=0.1)
+    assert s.lr_at(0) == 0.0 and s.lr_at(5) == pytest.approx(0.5) and s.lr_at(10) == pytest.approx(1.0)
+    assert s.lr_at(60) == pytest.approx(0.55) and s.lr_at(110) == pytest.approx(0.1)
+    groups = [{'lr_scale': 1.0}, {'lr_scale': 0.25}]
+    s.step_to(5, groups)
+    assert [g['lr'] for g in groups] == [pytest.approx(0.5), pytest.approx(0.125)]
+    t = CosineWarmupSchedule(lr_peak=1.0, total_steps=110, warmup_steps=10)
+    t.load_state_dict(s.state_dict())
+    assert t.last_step == 5
+
+
+def test_dist_env_from_torchrun_and_slurm():
+    from pretrain.engine.dist import detect_env, expand_nodelist
+    assert expand_nodelist('gpu[01-03,07],cpu5') == ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'cpu5']
+    assert expand_nodelist('node7') == ['node7']
+    e = detect_env({'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '1', 'MASTER_ADDR': 'h1', 'MASTER_PORT': '1234'})
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.source) == \
+        (3, 8, 1, 'h1', 1234, 'torchrun')
+    e = detect_env({'SLURM_PROCID': '5', 'SLURM_NTASKS': '16', 'SLURM_LOCALID': '1', 'SLURM_JOB_ID': '4242',
+                    'SLURM_JOB_NODELIST': 'dgx[003-004]'})
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.source) == \
+        (5, 16, 1, 'dgx003', 10000 + 4242, 'slurm')
+    assert detect_env({}).world_size == 1
+    assert e.backend == ('nccl' if torch.cuda.is_available() else 'gloo')
+
+
+def test_only_committed_checkpoints_are_found(tmp_path):
+    from pretrain.engine.checkpoint import MARKER, find_complete_checkpoints
+    for step, complete in ((2, True), (4, True), (6, False)):
+        d = tmp_path / f'step_{step:08d}'
+        d.mkdir()
+        (d / 'trainer.pt').write_bytes(b'x')
+        if complete:
+            (d / MARKER).write_text('{}')
+    (tmp_path / 'step_junk').mkdir()
+    assert [s for s, _ in find_complete_checkpoints(str(tmp_path))] == [2, 4]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# multi-process helpers
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS='1', PYTHONPATH=str(REPO), DS_ACCELERATOR='cpu', PYTHONUNBUFFERED='1')
+    return env
+
+
+def _torchrun(nproc: int, args: list[str]) -> list[str]:
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_addr',
+            '127.0.0.1', '--master_port', str(_free_port()), *args]
+
+
+def run_procs(nproc: int, args: list[str], timeout: float = 300, extra_env: dict | None = None) -> str:
+    env = {**_env(), **(extra_env or {})}
+    res = subprocess.run(_torchrun(nproc, args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise AssertionError(f'exit {res.returncode}\n--- stdout\n{res.stdout[-6000:]}\n--- stderr\n'
+                             f'{res.stderr[-6000:]}')
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope='module')
+def shards(real_data, tmp_path_factory) -> str:
+    """32 real ImageNet photos (shrunk to 64 px) in 4 shards of 8, labels 0..199 from the sorted class ids."""
+    from data_pipelines.writers import WriteOptions, list_imagefolder, write_shards
+    out = tmp_path_factory.mktemp('shards')
+    samples, class_map = list_imagefolder(str(real_data / 'imagenet-1k-samples'), label_from='filename-prefix')
+    write_shards(samples[:32], str(out), WriteOptions(samples_per_shard=8, resize_max_side_px=64, progress=False,
+                                                       prefix='in1k'), kind='imagefolder', input_desc='test',
+                 class_map=class_map)
+    return str(out / 'in1k-{000000..000003}.tar')
+
+
+def stage_config(path: Path, urls: str, output_dir: Path, **sections) -> Path:
+    """A YAML stage config for the tiny model on the test shards; ``sections`` update the defaults."""
+    import yaml
+    cfg = {
+        'model': dict(TINY_MODEL, drop_path_rate=0.1),
+        'data': {'train': [{'name': 'in1k', 'urls': urls}], 'img_size': 32, 'num_workers': 1,
+                 'auto_augment': None, 're_prob': 0.0, 'color_jitter': 0.4},
+        'loss': {'label_smoothing': 0.1, 'mixup_alpha': 0.8, 'cutmix_alpha': 1.0},
+        'optim': {'lr_base': 2e-3, 'layer_decay': 0.9, 'dcn_lr_mul': 0.1},
+        'schedule': {'total_steps': 6, 'warmup_steps': 2, 'lr_scale_by_batch': False},
+        'deepspeed': {'zero_stage': 2, 'precision': 'fp32', 'micro_batch_size': 4},
+        'ema': {'enabled': True, 'decay': 0.9},
+        'checkpoint': {'interval_steps': 3, 'keep_last': 5},
+        'logging': {'interval_steps': 1, 'tensorboard': False},
+        'run': {'output_dir': str(output_dir), 'seed': 0},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def consolidated(step_dir: str, step: int) -> dict[str, torch.Tensor]:
+    """fp32 weights of a committed checkpoint via DeepSpeed's zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(step_dir, tag=f'global_step{step}')
+
+
+def ema_of(step_dir: str) -> dict[str, torch.Tensor]:
+    files = sorted(Path(step_dir).glob('ema_*.pt'))
+    states = [torch.load(f, weights_only=False) for f in files]
+    out = {}
+    for name in states[0]['shadow']:
+        if states[0]['partitioned'][name]:
+            full = torch.cat([s['shadow'][name] for s in states])
+        else:
+            full = states[0]['shadow'][name].reshape(-1)
+        out[name] = full[:math.prod(states[0]['shapes'][name])]
+    return out
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+    return [r['loss']['ce'] for r in rows if r['split'] == 'train']
+
+
+def assert_bitwise(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f'{what}: {len(diff)} tensors differ, e.g. {diff[:3]}'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ZeRO 1/2/3 on 2 ranks == one process, same global batch
+
+
+def _parity_worker(out_dir: str, stages: list[int], precision: str, eps: float) -> None:
+    """Runs 5 steps of every ZeRO stage in ``stages`` on fixed batches; rank 0 writes losses and fp32 weights."""
+    import deepspeed
+
+    from pretrain.config import config_from_dict
+    from pretrain.engine.trainer import Trainer
+
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    global_batch, steps = 8, 5
+    mb = global_batch // 2  # micro-batch 4: 2 ranks x 1 micro-step, or 1 rank x 2 micro-steps
+    gen = torch.Generator().manual_seed(1234)
+    images = torch.randn(steps, global_batch, 3, 32, 32, generator=gen)
+    labels = torch.randint(0, 200, (steps, global_batch), generator=gen)
+    for stage in stages:
+        cfg = config_from_dict({
+            'model': TINY_MODEL,
+            'data': {'train': [{'name': 'unused', 'urls': 'unused.tar'}], 'img_size': 32},
+            'loss': {'label_smoothing': 0.1},
+            'optim': {'lr_base': 2e-3, 'layer_decay': 0.9, 'dcn_lr_mul': 0.1, 'eps': eps},
+            'schedule': {'total_steps': steps, 'warmup_steps': 2, 'lr_scale_by_batch': False},
+            'deepspeed': {'zero_stage': stage, 'precision': precision, 'micro_batch_size': mb,
+                          'grad_accum_steps': global_batch // (mb * world)},
+            'ema': {'enabled': True, 'decay': 0.5},
+            'checkpoint': {'resume': 'none'},
+            'logging': {'tensorboard': False, 'progress': False},
+            'run': {'output_dir': os.path.join(out_dir, f'run_{stage}_{world}'), 'seed': 0},
+        })
+        trainer = Trainer(cfg, build_data=False)
+        step_losses = []
+        for s in range(steps):
+            micro = iter(range(global_batch // (mb * world)))
+
+            def next_micro(s=s, micro=micro, dtype=trainer.dtype):
+                i = next(micro)
+                lo = (rank * (global_batch // world)) + i * mb
+                return images[s, lo:lo + mb].to(dtype), labels[s, lo:lo + mb]
+
+            res = trainer.train_step(next_micro)
+            from pretrain.engine.dist import all_reduce_sum
+            step_losses.append(float(all_reduce_sum(torch.tensor([res.loss], dtype=torch.float64))[0]) / world)
+        params = list(trainer.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+            weights = {n: p.detach().float().clone() for n, p in trainer.engine.module.named_parameters()}
+        ema = trainer.ema.full_state_dict()
+        if rank == 0:
+            torch.save({'losses': step_losses, 'weights': weights, 'ema': ema},
+                       os.path.join(out_dir, f'zero{stage}_world{world}.pt'))
+        del trainer
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_zero_stages_match_single_process(tmp_path):
+    """ZeRO 1, 2 and 3 on 2 ranks x micro-batch 4 vs plain DeepSpeed (ZeRO-0) on 1 rank x 2 micro-steps of 4: the
+    same global batch of 8 and the same micro-batches (so BatchNorm sees the same batch statistics), fp32.
+
+    Tolerance after 5 AdamW steps (lr 2e-3): weights and EMA weights within atol 2e-5 + rtol 1e-4, losses within
+    1e-6 relative. Measured: <= 3e-7 for every parameter except ``levels.3.norm.0.bias`` (~1e-5): it feeds a 1x1
+    conv followed by BatchNorm, which cancels it, so its gradient is rounding noise that Adam normalises
+    (eps 1e-6 here; with 1e-8 that noise alone moves it by +-lr). A rank that skipped the gradient reduction would
+    be off by ~1e-3. BatchNorm running stats are not compared: on 2 ranks they are averaged once per step, on one
+    rank updated once per micro-step."""
+    this = str(Path(__file__).resolve())
+    run_procs(1, [this, 'parity', str(tmp_path), '0', 'fp32', '1e-6'])
+    run_procs(2, [this, 'parity', str(tmp_path), '1,2,3', 'fp32', '1e-6'])
+    ref = torch.load(tmp_path / 'zero0_world1.pt')
+    assert all(math.isfinite(v) for v in ref['losses'])
+    assert ref['losses'][0] != ref['losses'][-1]
+    for stage in (1, 2, 3):
+        got = torch.load(tmp_path / f'zero{stage}_world2.pt')
+        assert got['losses'] == pytest.approx(ref['losses'], rel=1e-6), f'ZeRO-{stage} losses'
+        assert got['weights'].keys() == ref['weights'].keys()
+        for k in ref['weights']:
+            torch.testing.assert_close(got['weights'][k], ref['weights'][k], rtol=1e-4, atol=2e-5,
+                                       msg=lambda m, k=k, stage=stage: f'ZeRO-{stage} {k}: {m}')
+            torch.testing.assert_close(got['ema'][k], ref['ema'][k], rtol=1e-4, atol=2e-5,
+                                       msg=lambda m, k=k, stage=stage: f'ZeRO-{stage} EMA {k}: {m}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exact resume, kill -9 mid-save, another world size
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(shards, tmp_path_factory) -> Path:
+    """6 steps on 2 ranks through the CLI without interruption (ZeRO-3, fp32, Mixup, drop path, EMA; crosses an
+    epoch boundary: 32 samples = 4 steps per epoch). Checkpoints at 3 and 6."""
+    d = tmp_path_factory.mktemp('uninterrupted')
+    cfg = stage_config(d / 'cfg.yaml', shards, d / 'run', deepspeed={'zero_stage': 3})
+    run_procs(2, ['-m', 'pretrain', 'train', str(cfg)])
+    return d / 'run'
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_exact_resume_is_bitwise(shards, uninterrupted, tmp_path):
+    """3 steps, stop, resume, 3 more == 6 uninterrupted: fp32 weights, EMA and every logged loss bitwise."""
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, tmp_path / 'run', deepspeed={'zero_stage': 3})
+    run_procs(2, ['-m', 'pretrain', 'train', str(cfg), 'run.stop_after_steps=3'])
+    first = json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert first['step'] == 3
+    out = run_procs(2, ['-m', 'pretrain', 'train', str(cfg)])
+    assert 'resumed from' in out and '(exact)' in out
+    ref_dir, got_dir = uninterrupted / 'checkpoints' / 'step_00000006', tmp_path / 'run' / 'checkpoints' / \
+        'step_00000006'
+    assert_bitwise(consolidated(str(got_dir), 6), consolidated(str(ref_dir), 6), 'weights')
+    assert_bitwise(ema_of(str(got_dir)), ema_of(str(ref_dir)), 'EMA')
+    assert losses(tmp_path / 'run') == losses(uninterrupted)
+    summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+    assert summary['step'] == 6 and summary['samples_seen'] == 6 * 8
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_kill_during_save_resumes_from_previous_complete(shards, uninterrupted, tmp_path):
+    """kill -9 of both ranks while step 4 is being saved (rank files written, no commit marker); the restart resumes
+    from step 2, redoes the step-4 save, and ends bitwise equal to the uninterrupted run."""
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, tmp_path / 'run', deepspeed={'zero_stage': 3},
+                       checkpoint={'interval_steps': 2, 'keep_last': 2})
+    ckpts = tmp_path / 'run' / 'checkpoints'
+    env = {**_env(), 'PRETRAIN_DEBUG_SAVE_PAUSE': '4:120'}
+    proc = subprocess.Popen(_torchrun(2, ['-m', 'pretrain', 'train', str(cfg)]), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        target = ckpts / 'step_00000004'
+        while time.time() < deadline and not ((target / 'rank_00001.pt').exists() and (target / 'trainer.pt').exists()):
+            assert proc.poll() is None, 'the run ended before the save of step 4'
+            time.sleep(0.2)
+        assert (target / 'rank_00000.pt').exists(), 'the save of step 4 never started'
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-save
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (target / 'COMPLETE').exists() and (ckpts / 'step_00000002' / 'COMPLETE').exists()
+    out = run_procs(2, ['-m', 'pretrain', 'train', str(cfg)])
+    assert 'step_00000002 at step 2 (exact)' in out
+    assert (target / 'COMPLETE').exists()
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith('step_')) == ['step_00000004',
+                                                                                     'step_00000006']
+    assert_bitwise(consolidated(str(ckpts / 'step_00000006'), 6),
+                   consolidated(str(uninterrupted / 'checkpoints' / 'step_00000006'), 6), 'weights')
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_resume_on_one_rank_from_two_rank_checkpoint(shards, uninterrupted, tmp_path):
+    """A 2-rank ZeRO-3 checkpoint (step 3) resumes on 1 rank through ds_to_universal, optimizer state kept: the
+    weights after loading are the saved ones, and training goes on to step 6 with the same global batch."""
+    import shutil
+    src = uninterrupted / 'checkpoints' / 'step_00000003'
+    run = tmp_path / 'run'
+    shutil.copytree(src, run / 'checkpoints' / 'step_00000003')
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, run, deepspeed={'zero_stage': 3, 'grad_accum_steps': 2},
+                       checkpoint={'interval_steps': 1, 'keep_last': 5})
+    out = run_procs(1, ['-m', 'pretrain', 'train', str(cfg)])
+    assert '(universal)' in out and 'data loader position' in out
+    assert (run / 'checkpoints' / 'step_00000003' / 'global_step3_universal').is_dir()
+    summary = json.loads((run / 'summary.json').read_text())
+    assert summary['step'] == 6 and summary['world_size'] == 1
+    # the first 1-rank checkpoint (step 4) started from the 2-rank weights: one AdamW step away, not a fresh init
+    saved = consolidated(str(src), 3)
+    after = consolidated(str(run / 'checkpoints' / 'step_00000004'), 4)
+    delta = max((after[k] - saved[k]).abs().max().item() for k in saved)
+    assert 0 < delta < 0.05
+    assert all(math.isfinite(v) for v in losses(run))
+
+
+if __name__ == '__main__':
+    if sys.argv[1] == 'parity':
+        _parity_worker(sys.argv[2], [int(s) for s in sys.argv[3].split(',')], sys.argv[4], float(sys.argv[5]))
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
