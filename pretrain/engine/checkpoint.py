@@ -266,6 +266,7 @@ class CheckpointManager:
                                              load_lr_scheduler_states=False)
             if path is None:
                 raise RuntimeError(f'DeepSpeed could not load {plan.step_dir}/{plan.ds_tag}')
+            _unalias_optimizer_steps(engine)
         trainer = torch.load(os.path.join(plan.step_dir, 'trainer.pt'), map_location='cpu', weights_only=False)
         state.load_state_dict(trainer['train_state'])
         scheduler.load_state_dict(trainer['scheduler'])
@@ -297,6 +298,16 @@ class CheckpointManager:
             else:
                 report['not_restored'].append('EMA (not in the checkpoint; restarted from the current weights)')
         return report
+
+
+def _unalias_optimizer_steps(engine) -> None:
+    # DeepSpeed 0.19.8's ZeRO-3 universal load gives every sub-group's state the same 'step' tensor object
+    # (stage3.py load_hp_checkpoint_state_from_checkpoint_dir_stage3); torch's AdamW increments it in place once per
+    # sub-group, so the step count (and with it Adam's bias correction) would run ahead. One tensor per state.
+    inner = getattr(getattr(engine, 'optimizer', None), 'optimizer', None)
+    for st in getattr(inner, 'state', {}).values():
+        if isinstance(st, dict) and torch.is_tensor(st.get('step')):
+            st['step'] = st['step'].clone()
 
 
 def _like_partition(state: dict) -> dict:
