@@ -95,6 +95,31 @@ def test_only_committed_checkpoints_are_found(tmp_path):
     assert [s for s, _ in find_complete_checkpoints(str(tmp_path))] == [2, 4]
 
 
+def test_ema_update_swap_and_reload():
+    from pretrain.engine.ema import EMA
+    model = tiny_model()
+    ema = EMA(model, decay=0.75)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    ema.update()
+    # two updates towards start + 1: start + (1 - 0.75 ** 2)
+    for n in start:
+        torch.testing.assert_close(ema.shadow[n], start[n] + (1 - 0.75 ** 2))
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    raw = model(x)
+    with ema.swapped_in():
+        assert torch.equal(dict(model.named_parameters())['head.weight'], ema.shadow['head.weight'])
+        assert not torch.equal(model(x), raw)
+    assert torch.equal(model(x), raw)  # restored
+    other = EMA(tiny_model(), decay=0.75)
+    other.load_state_dicts([ema.state_dict()])
+    assert all(torch.equal(other.shadow[k], ema.shadow[k]) for k in ema.shadow) and other.num_updates == 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # multi-process helpers
 
@@ -143,7 +168,8 @@ def stage_config(path: Path, urls: str, output_dir: Path, **sections) -> Path:
     import yaml
     cfg = {
         'model': dict(TINY_MODEL, drop_path_rate=0.1),
-        'data': {'train': [{'name': 'in1k', 'urls': urls}], 'img_size': 32, 'num_workers': 1,
+        'data': {'train': [{'name': 'in1k', 'urls': urls}], 'val': [{'name': 'in1k', 'urls': urls}],
+                 'img_size': 32, 'num_workers': 1,
                  'auto_augment': None, 're_prob': 0.0, 'color_jitter': 0.4},
         'loss': {'label_smoothing': 0.1, 'mixup_alpha': 0.8, 'cutmix_alpha': 1.0},
         'optim': {'lr_base': 2e-3, 'layer_decay': 0.9, 'dcn_lr_mul': 0.1},
@@ -305,6 +331,10 @@ def test_exact_resume_is_bitwise(shards, uninterrupted, tmp_path):
     assert losses(tmp_path / 'run') == losses(uninterrupted)
     summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
     assert summary['step'] == 6 and summary['samples_seen'] == 6 * 8
+    # eval reduced over both ranks: every val image counted once, raw and EMA
+    assert summary['eval']['raw']['images'] == 32 and summary['eval']['ema']['images'] == 32
+    assert 0 <= summary['eval']['raw']['top1'] <= summary['eval']['raw']['top5'] <= 100
+    assert summary['eval'] == json.loads((uninterrupted / 'summary.json').read_text())['eval']
 
 
 @pytest.mark.slow
@@ -368,6 +398,25 @@ def test_resume_on_one_rank_from_two_rank_checkpoint(shards, uninterrupted, tmp_
         state = torch.load(optim_file, weights_only=False)['optimizer_state_dict']['optimizer_state_dict']['state']
         assert {float(v['step']) for v in state.values()} == {float(step)}
     assert all(math.isfinite(v) for v in losses(run))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_nonfinite_steps_are_skipped_then_stop_names_step_and_checkpoint(shards, tmp_path):
+    """An absurd learning rate makes the weights overflow after the first steps: non-finite steps are skipped and
+    counted, and after 2 in a row the run stops with exit status 3 and an error naming the step and the last good
+    checkpoint."""
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, tmp_path / 'run', optim={'lr_base': 1e30},
+                       schedule={'total_steps': 20, 'warmup_steps': 0}, checkpoint={'interval_steps': 1},
+                       run={'output_dir': str(tmp_path / 'run'), 'seed': 0, 'max_nonfinite_in_a_row': 2})
+    res = subprocess.run([sys.executable, '-m', 'pretrain', 'train', str(cfg)], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr[-3000:]
+    committed = sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir() if (p / 'COMPLETE').exists())
+    assert committed, 'at least the first step should have been good'
+    assert '2 non-finite steps in a row' in res.stderr
+    assert f'last good checkpoint: {tmp_path / "run" / "checkpoints" / committed[-1]}' in res.stderr
+    assert 'non-finite loss, skipped' in res.stdout
 
 
 if __name__ == '__main__':

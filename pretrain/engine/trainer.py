@@ -210,8 +210,8 @@ class Trainer:
         self.log(f'step {self.state.step}: non-finite {what}, skipped ({self._nonfinite_in_a_row} in a row)')
         if self._nonfinite_in_a_row >= self.cfg.run.max_nonfinite_in_a_row:
             raise NonFiniteError(
-                f'{self._nonfinite_in_a_row} non-finite steps in a row (last: {what}) at step {self.state.step}; '
-                f'last good checkpoint: {self.last_checkpoint or "none"}')
+                f'{self._nonfinite_in_a_row} non-finite steps in a row (last: {what}) while computing step '
+                f'{self.state.step + 1}; last good checkpoint: {self.last_checkpoint or "none"}')
 
     # --------------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
