@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ops": ("pretrain.ops.__main__", "DCNv3 backends: `check` which work here and why not, `build` them ahead of time"),
     "demo": ("pretrain.demo", "run the bundled demo on the real data in ../shared/data/real"),
     "train": ("pretrain.engine.cli", "train a stage: CONFIG.yaml [key.sub=value ...] (torchrun/Slurm aware)"),
+    "plan": ("pretrain.engine.plan", "per-GPU memory of a config: CONFIG --world-size N --gpu-mem GB"),
 }
 
 

@@ -201,6 +201,7 @@ def ema_of(step_dir: str) -> dict[str, torch.Tensor]:
             full = torch.cat([s['shadow'][name] for s in states])
         else:
             full = states[0]['shadow'][name].reshape(-1)
+            assert all(torch.equal(s['shadow'][name], states[0]['shadow'][name]) for s in states), name
         out[name] = full[:math.prod(states[0]['shapes'][name])]
     return out
 

@@ -311,5 +311,7 @@ def _unalias_optimizer_steps(engine) -> None:
 
 
 def _like_partition(state: dict) -> dict:
-    # Zero-filled stand-in for another rank's EMA partition: same sizes, so the concatenation lines up.
-    return {**state, 'shadow': {k: torch.zeros_like(v) for k, v in state['shadow'].items()}}
+    # Stand-in for another rank's EMA state: zero partitions of the same sizes (so the concatenation lines up) and
+    # this rank's own whole (non-partitioned) entries, which are the same on every rank.
+    return {**state, 'shadow': {k: torch.zeros_like(v) if state['partitioned'][k] else v
+                                for k, v in state['shadow'].items()}}

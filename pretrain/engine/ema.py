@@ -27,6 +27,11 @@ def _partitioned(p: torch.Tensor) -> bool:
     return getattr(p, 'ds_tensor', None) is not None
 
 
+def _materialized(p: torch.Tensor) -> bool:
+    # A ZeRO-3 parameter whose whole value is present (persistent ones between steps).
+    return p.data.numel() == getattr(p, 'ds_numel', -1) and p.data.numel() > 0
+
+
 def _source(p: torch.Tensor) -> torch.Tensor:
     """The tensor this rank owns for ``p``: its ZeRO-3 partition, or the whole parameter."""
     return p.ds_tensor if _partitioned(p) else p.data
@@ -66,44 +71,44 @@ class EMA:
 
     @contextlib.contextmanager
     def swapped_in(self):
-        """Within the block, the module computes with the EMA weights (for evaluation); restored after."""
-        backup = {}
+        """Within the block, the module computes with the EMA weights (for evaluation); restored after.
+
+        Collective under ZeRO-3 (every rank must enter): small "persistent" parameters are kept gathered by
+        ZeRO-3 and never re-read from their partitions, so their whole EMA value is gathered and written too."""
+        backup, backup_whole = {}, {}
         with torch.no_grad():
             for name, t in self._tensors():
                 src = _source(t)
                 backup[name] = src.clone()
                 src.copy_(self.shadow[name].to(src.dtype))
-            self._refresh_persistent()
+                if self.partitioned[name] and _materialized(t):
+                    backup_whole[name] = t.data.clone()
+                    t.data.copy_(self._gather(name, t).to(t.dtype))
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, t in self._tensors():
                     _source(t).copy_(backup[name])
-                self._refresh_persistent()
+                    if name in backup_whole:
+                        t.data.copy_(backup_whole[name])
 
-    def _refresh_persistent(self) -> None:
-        # ZeRO-3 keeps small "persistent" parameters gathered; re-gather them from the partitions just written.
-        persistent = [p for p in self.module.parameters()
-                      if getattr(p, 'ds_persist', False) and p.data.numel() == getattr(p, 'ds_numel', -1)]
-        if persistent:
-            persistent[0].all_gather(persistent)
+    def _gather(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        shadow = self.shadow[name]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        parts = [torch.empty_like(shadow) for _ in range(world)]
+        if world > 1:
+            dist.all_gather(parts, shadow)
+        else:
+            parts = [shadow]
+        return torch.cat(parts)[:t.ds_numel].view(t.ds_shape)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole EMA as a model state_dict (fp32, parameter shapes); collective under ZeRO-3 (call on every
         rank)."""
-        out = {}
-        world = dist.get_world_size() if dist.is_initialized() else 1
         tensors = dict(self._tensors())
-        for name, shadow in self.shadow.items():
-            t = tensors[name]
-            if self.partitioned[name]:
-                parts = [torch.empty_like(shadow) for _ in range(world)]
-                dist.all_gather(parts, shadow)
-                out[name] = torch.cat(parts)[:t.ds_numel].view(t.ds_shape).clone()
-            else:
-                out[name] = shadow.clone()
-        return out
+        return {name: (self._gather(name, tensors[name]) if self.partitioned[name] else shadow).clone()
+                for name, shadow in self.shadow.items()}
 
     def state_dict(self) -> dict:
         """This rank's EMA: shadows (partitions under ZeRO-3), which are partitioned, full shapes, world size."""

@@ -1,0 +1,129 @@
+"""Per-rank model-state memory for ZeRO 0/1/2/3 with 2 CPU ranks, measured and compared with `python -m pretrain plan`.
+
+    python benchmarks/zero_memory.py [--model internimage_t] [--precision bf16] [--world-size 2]
+
+Launches itself under torchrun once per stage. Each rank builds the model and the DeepSpeed engine through the
+trainer (same config path as training), takes one optimizer step on a 1-image 32 px batch (so Adam's states exist;
+activations are then freed), and measures the **live tensor bytes** it holds: every tensor reachable by the garbage
+collector, deduplicated by storage (flat ZeRO buffers and their views count once), plus the resident set size for
+reference. The plan's model-state figure (parameters + gradients + optimizer, no EMA) is printed beside it.
+
+Measured values here are CPU numbers: DeepSpeed's communication buckets are sized by ``deepspeed.bucket_size``; they
+are set small (``--bucket-size``) so they do not hide the model states of a 30M-parameter model.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def live_tensor_bytes() -> int:
+    import torch
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if not torch.is_tensor(obj) or obj.device.type == 'meta':
+                continue
+            storage = obj.untyped_storage()
+        except (RuntimeError, ReferenceError):  # some tensor subclasses / freed proxies
+            continue
+        key = storage.data_ptr()
+        if key and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def rss_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def worker(args) -> None:
+    import torch
+
+    from pretrain.config import config_from_dict
+    from pretrain.engine.trainer import Trainer
+
+    torch.set_num_threads(1)
+    cfg = config_from_dict({
+        'model': {'name': args.model, 'num_classes': 1000, 'drop_path_rate': 0.0},
+        'data': {'train': [{'name': 'unused', 'urls': 'unused.tar'}], 'img_size': 32},
+        'schedule': {'total_steps': 10},
+        'deepspeed': {'zero_stage': args.stage, 'precision': args.precision, 'micro_batch_size': 1,
+                      'bucket_size': args.bucket_size, 'stage3_param_persistence_threshold': 0},
+        'checkpoint': {'resume': 'none'},
+        'logging': {'tensorboard': False, 'progress': False},
+        'run': {'output_dir': args.out_dir},
+    })
+    trainer = Trainer(cfg, build_data=False)
+    x = torch.randn(1, 3, 32, 32).to(trainer.dtype)
+    y = torch.zeros(1, dtype=torch.long)
+    trainer.train_step(lambda: (x, y))
+    measured = live_tensor_bytes() - x.numel() * x.element_size() - y.numel() * y.element_size()
+    rank = trainer.rank
+    num_params = sum(int(getattr(p, 'ds_numel', p.numel())) for p in trainer.engine.module.parameters())
+    out = {'stage': args.stage, 'rank': rank, 'live_tensor_bytes': measured, 'rss_bytes': rss_bytes(),
+           'params': num_params}
+    with open(os.path.join(args.out_dir, f'stage{args.stage}_rank{rank}.json'), 'w') as f:
+        json.dump(out, f)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='internimage_t')
+    parser.add_argument('--precision', default='bf16', choices=['bf16', 'fp32'])
+    parser.add_argument('--world-size', type=int, default=2)
+    parser.add_argument('--stages', default='0,1,2,3')
+    parser.add_argument('--bucket-size', type=int, default=2_000_000)
+    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--stage', type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument('--out-dir', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+
+    from pretrain.engine.plan import GiB, model_state_bytes
+
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix='zero_memory_')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
+    rows = []
+    for stage in [int(s) for s in args.stages.split(',')]:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(args.world_size),
+               '--master_port', str(29700 + stage), __file__, '--worker', '--stage', str(stage), '--model',
+               args.model, '--precision', args.precision, '--bucket-size', str(args.bucket_size), '--out-dir',
+               out_dir]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+        if res.returncode != 0:
+            print(res.stdout[-3000:], res.stderr[-3000:], file=sys.stderr)
+            return 1
+        per_rank = [json.loads(Path(out_dir, f'stage{stage}_rank{r}.json').read_text())
+                    for r in range(args.world_size)]
+        measured = max(r['live_tensor_bytes'] for r in per_rank)
+        planned = model_state_bytes(per_rank[0]['params'], stage=stage, world_size=args.world_size,
+                                    precision=args.precision).total
+        rows.append((stage, per_rank[0]['params'], measured, planned, max(r['rss_bytes'] for r in per_rank)))
+    zero0 = rows[0][2] if rows and rows[0][0] == 0 else None
+    print(f'{args.model}, {args.precision}, {args.world_size} CPU ranks, bucket {args.bucket_size} elements')
+    print('| ZeRO | params | measured live tensors / rank (GiB) | vs ZeRO-0 | plan (GiB) | plan / measured '
+          '| RSS (GiB) |')
+    print('|---|---|---|---|---|---|---|')
+    for stage, params, measured, planned, rss in rows:
+        rel = f'{100 * measured / zero0:.0f}%' if zero0 else '-'
+        print(f'| {stage} | {params / 1e6:.1f}M | {measured / GiB:.3f} | {rel} | {planned / GiB:.3f} | '
+              f'{planned / measured:.2f} | {rss / GiB:.2f} |')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
