@@ -403,7 +403,18 @@ def test_group_matcher_gives_official_layer_decay():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('variant', ['T_prenorm', 'H_resPostNorm_clip'])
 def test_cuda_kernel_model_matches_reference_model(variant):
-    """Same weights, core_op 'DCNv3' (CUDA kernel) vs 'DCNv3_pytorch': outputs and grads agree; checkpointing too."""
+    """Same weights, core_op 'DCNv3' (CUDA kernel) vs 'DCNv3_pytorch': outputs and grads agree; checkpointing too.
+    In full float32: cuDNN's default TF32 convolutions round their inputs to 10 mantissa bits, which turns the two
+    operators' ~1e-7 summation-order differences into ~1e-3 ones through a deep net."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _compare_cuda_kernel_model_with_reference(variant)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _compare_cuda_kernel_model_with_reference(variant):
     fused = _tiny(**VARIANTS[variant], core_op='DCNv3').cuda().train()
     _randomize(fused)
     ref = _tiny(**VARIANTS[variant], core_op='DCNv3_pytorch').cuda().train()
@@ -425,7 +436,10 @@ def test_cuda_kernel_model_matches_reference_model(variant):
     fused.set_grad_checkpointing(True)
     out_c, g_c = run(fused)
     torch.testing.assert_close(out_c, out_f)
+    # float32 atomics (the DCN backward's grad_input scatter, cuDNN's weight gradients) add in a different order on
+    # every run, so compare each gradient by its norm-relative error (on the CPU the same check is bitwise).
     for n in g_f:
-        torch.testing.assert_close(g_c[n], g_f[n], rtol=1e-5, atol=1e-6, msg=n)
+        rel = ((g_c[n] - g_f[n]).norm() / g_f[n].norm().clamp_min(1e-12)).item()
+        assert rel < 1e-5, f'{n}: checkpointed gradient differs by {rel:.2e} (relative norm)'
     with torch.autocast('cuda', dtype=torch.float16):
         assert torch.isfinite(fused(x)).all()
