@@ -16,6 +16,9 @@ Settings that matter for the tests, and why:
   ``scontrol show job`` for MinJobAge seconds; an hour covers a test session.
 - ``DefMemPerCPU``: with ``CR_Core_Memory`` a job without ``--mem`` would otherwise hold the whole node's memory.
 - ``JobRequeue=1``: batch jobs may be requeued (``scontrol requeue``, Submitit's preemption path).
+- ``AuthInfo=cred_expire=30``: a requeued job waits ``cred_expire`` seconds before it may start again (default 120;
+  measured here: 143 s from requeue to restart), which would dominate the requeue tests; ``sched_interval=5``:
+  the main scheduling loop every 5 s instead of 60 s.
 - ``ProctrackType=proctrack/linuxproc`` and ``TaskPlugin=task/none``: no cgroups needed (containers, CI runners).
 """
 from __future__ import annotations
@@ -125,6 +128,7 @@ def slurm_conf_text(node: str, cpus: int, real_memory_mb: int = REAL_MEMORY_MB) 
 ClusterName=testcluster
 SlurmctldHost={node}
 AuthType=auth/munge
+AuthInfo=cred_expire=30
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -147,7 +151,7 @@ JobRequeue=1
 MinJobAge=3600
 KillWait=10
 DefMemPerCPU=2000
-SchedulerParameters=bf_interval=5,sched_min_interval=100000
+SchedulerParameters=bf_interval=5,sched_interval=5,sched_min_interval=100000
 NodeName={node} CPUs={cpus} RealMemory={real_memory_mb} State=UNKNOWN
 PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
@@ -171,6 +175,11 @@ def ensure_cluster(timeout_s: float = 120) -> Cluster:
     """A running one-node cluster (reused, or installed and started here); see the module docstring."""
     node = socket.gethostname().split('.')[0]
     cpus = os.cpu_count() or 1
+    if _controller_answers() and SLURM_CONF.exists() and MARKER in SLURM_CONF.read_text() \
+            and SLURM_CONF.read_text() != slurm_conf_text(node, cpus):
+        # Our cluster, started with older settings of this file: restart its daemons with the current ones
+        # (some, like AuthInfo, are only read at start).
+        _stop_daemons(('/run/slurmd.pid', '/run/slurmctld.pid'))
     if _controller_answers():
         reused = True
     else:
@@ -216,13 +225,28 @@ def stop_cluster() -> None:
     """Stop slurmd, slurmctld and munged when the test cluster's slurm.conf is the one in place."""
     if not SLURM_CONF.exists() or MARKER not in SLURM_CONF.read_text():
         raise RuntimeError(f'{SLURM_CONF} was not written by the tests; not stopping a real cluster')
-    for pidfile in ('/run/slurmd.pid', '/run/slurmctld.pid', '/run/munge/munged.pid'):
+    _stop_daemons(('/run/slurmd.pid', '/run/slurmctld.pid', '/run/munge/munged.pid'))
+
+
+def _stop_daemons(pidfiles: tuple[str, ...], timeout_s: float = 30) -> None:
+    pids = []
+    for pidfile in pidfiles:
         p = Path(pidfile)
         if p.exists():
             try:
-                os.kill(int(p.read_text().split()[0]), 15)
+                pid = int(p.read_text().split()[0])
+                os.kill(pid, 15)
+                pids.append(pid)
             except (ProcessLookupError, ValueError):
                 pass
+    deadline = time.time() + timeout_s
+    for pid in pids:
+        while time.time() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope='session')
