@@ -3,10 +3,11 @@
     python benchmarks/zero_memory.py [--model internimage_t] [--precision bf16] [--world-size 2]
 
 Launches itself under torchrun once per stage. Each rank builds the model and the DeepSpeed engine through the
-trainer (same config path as training), takes one optimizer step on a 1-image 32 px batch (so Adam's states exist;
-activations are then freed), and measures the **live tensor bytes** it holds: every tensor reachable by the garbage
-collector, deduplicated by storage (flat ZeRO buffers and their views count once), plus the resident set size for
-reference. The plan's model-state figure (parameters + gradients + optimizer, no EMA) is printed beside it.
+trainer (same config path as training) and takes one optimizer step on a 2-image 32 px batch (so Adam's states
+exist). After a second forward and backward, before that step, it measures the **live tensor bytes** it holds: every
+tensor reachable by the garbage collector, deduplicated by storage (flat ZeRO buffers and their views count once).
+The resident set size is printed for reference, and the plan's model-state figure (parameters + gradients +
+optimizer, no EMA) beside the measurement.
 
 Measured values here are CPU numbers: DeepSpeed's communication buckets are sized by ``deepspeed.bucket_size``; they
 are set small (``--bucket-size``) so they do not hide the model states of a 30M-parameter model.
@@ -59,17 +60,22 @@ def worker(args) -> None:
         'model': {'name': args.model, 'num_classes': 1000, 'drop_path_rate': 0.0},
         'data': {'train': [{'name': 'unused', 'urls': 'unused.tar'}], 'img_size': 32},
         'schedule': {'total_steps': 10},
-        'deepspeed': {'zero_stage': args.stage, 'precision': args.precision, 'micro_batch_size': 1,
+        'deepspeed': {'zero_stage': args.stage, 'precision': args.precision, 'micro_batch_size': 2,
                       'bucket_size': args.bucket_size, 'stage3_param_persistence_threshold': 0},
         'checkpoint': {'resume': 'none'},
         'logging': {'tensorboard': False, 'progress': False},
         'run': {'output_dir': args.out_dir},
     })
     trainer = Trainer(cfg, build_data=False)
-    x = torch.randn(1, 3, 32, 32).to(trainer.dtype)
-    y = torch.zeros(1, dtype=torch.long)
-    trainer.train_step(lambda: (x, y))
+    x = torch.randn(2, 3, 32, 32).to(trainer.dtype)
+    y = torch.zeros(2, dtype=torch.long)
+    trainer.train_step(lambda: (x, y))  # the first step creates Adam's states
+    # Peak of model states: parameters + optimizer states + gradients, i.e. after the backward, before the step.
+    loss = trainer.forward_loss(x, y)
+    trainer.engine.backward(loss)
+    del loss
     measured = live_tensor_bytes() - x.numel() * x.element_size() - y.numel() * y.element_size()
+    trainer.engine.step()
     rank = trainer.rank
     num_params = sum(int(getattr(p, 'ds_numel', p.numel())) for p in trainer.engine.module.parameters())
     out = {'stage': args.stage, 'rank': rank, 'live_tensor_bytes': measured, 'rss_bytes': rss_bytes(),
