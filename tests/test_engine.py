@@ -120,6 +120,36 @@ def test_ema_update_swap_and_reload():
     assert all(torch.equal(other.shadow[k], ema.shadow[k]) for k in ema.shadow) and other.num_updates == 2
 
 
+def test_plan_model_states_follow_zero_accounting():
+    from pretrain.engine.plan import model_state_bytes
+    p = 1_000_000
+    z0 = model_state_bytes(p, stage=0, world_size=8, precision='bf16')
+    assert (z0.params, z0.grads, z0.optimizer) == (2 * p, 2 * p, 12 * p)
+    z1 = model_state_bytes(p, stage=1, world_size=8)
+    z2 = model_state_bytes(p, stage=2, world_size=8)
+    z3 = model_state_bytes(p, stage=3, world_size=8, ema=True)
+    assert z1.optimizer == 12 * p / 8 and z1.grads == 2 * p
+    assert z2.grads == 2 * p / 8 and z2.params == 2 * p
+    assert z3.params == 2 * p / 8 and z3.ema == 4 * p / 8
+    off = model_state_bytes(p, stage=3, world_size=8, offload_optimizer=True, offload_param=True)
+    assert off.optimizer == 0 and off.params == 0 and off.host_offloaded == 12 * p / 8 + 2 * p / 8
+
+
+def test_plan_cli_reports_memory_and_micro_batch(tmp_path):
+    import re
+    cfg = REPO / 'configs' / 'stage' / 'supervised_tiny.yaml'
+    res = subprocess.run([sys.executable, '-m', 'pretrain', 'plan', str(cfg), '--world-size', '8', '--gpu-mem', '80',
+                          '--json'], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout[res.stdout.index('{'):])
+    act = out['activations_gib_per_sample']
+    assert 0 < act['checkpointing'] < act['no_checkpointing']
+    fits = out['largest_micro_batch']
+    assert fits['checkpointing'] > fits['no_checkpointing'] > 0
+    assert out['model_states_gib']['total'] > 0 and out['params'] > 0
+    assert re.match(r'internimage_t', out['model'])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # multi-process helpers
 
