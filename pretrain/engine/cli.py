@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('config', help='YAML file (configs/stage/*.yaml)')
     parser.add_argument('overrides', nargs='*', help='key.sub=value (YAML values), applied after the file')
     parser.add_argument('--print-config', action='store_true', help='print the resolved config as JSON and exit')
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--reserve', type=float, default=2.0, help='GiB kept for the CUDA context, NCCL, fragments')
     parser.add_argument('--measure-size', type=int, default=64, help='px of the activation measurement (CPU)')
     parser.add_argument('--json', action='store_true')
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
