@@ -353,6 +353,10 @@ def test_exact_resume_is_bitwise(shards, uninterrupted, tmp_path):
     run_procs(2, ['-m', 'pretrain', 'train', str(cfg), 'run.stop_after_steps=3'])
     first = json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])
     assert first['step'] == 3
+    for key in ('loss', 'lr', 'grad_norm', 'images_per_s', 'samples_seen', 'peak_memory_mib', 'data_skips',
+                'nonfinite_total', 'epoch'):
+        assert key in first, key
+    assert first['samples_seen'] == 3 * 8 and first['peak_memory_mib'] > 0 and first['data_skips'] == {}
     out = run_procs(2, ['-m', 'pretrain', 'train', str(cfg)])
     assert 'resumed from' in out and '(exact)' in out
     ref_dir, got_dir = uninterrupted / 'checkpoints' / 'step_00000006', tmp_path / 'run' / 'checkpoints' / \
