@@ -272,8 +272,10 @@ def _parity_worker(out_dir: str, stages: list[int], precision: str, eps: float) 
             'loss': {'label_smoothing': 0.1},
             'optim': {'lr_base': 2e-3, 'layer_decay': 0.9, 'dcn_lr_mul': 0.1, 'eps': eps},
             'schedule': {'total_steps': steps, 'warmup_steps': 2, 'lr_scale_by_batch': False},
+            # persistence threshold 1000: under ZeRO-3 small tensors stay gathered, larger ones are partitioned
             'deepspeed': {'zero_stage': stage, 'precision': precision, 'micro_batch_size': mb,
-                          'grad_accum_steps': global_batch // (mb * world)},
+                          'grad_accum_steps': global_batch // (mb * world),
+                          'stage3_param_persistence_threshold': 1000},
             'ema': {'enabled': True, 'decay': 0.5},
             'checkpoint': {'resume': 'none'},
             'logging': {'tensorboard': False, 'progress': False},
@@ -296,8 +298,20 @@ def _parity_worker(out_dir: str, stages: list[int], precision: str, eps: float) 
         with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
             weights = {n: p.detach().float().clone() for n, p in trainer.engine.module.named_parameters()}
         ema = trainer.ema.full_state_dict()
+        # Evaluating with the EMA swapped in == a plain copy of the model loaded with the EMA state_dict.
+        from pretrain.engine.trainer import build_model
+        plain = build_model(cfg).eval()
+        plain.load_state_dict(ema, strict=False)  # num_batches_tracked is not averaged
+        trainer.engine.eval()
+        with torch.no_grad(), trainer.ema.swapped_in():
+            swapped = trainer.engine(images[0].to(trainer.dtype)).float()
+        with torch.no_grad():
+            ema_eval_diff = (swapped - plain(images[0]).float()).abs().max().item()
+            restored_diff = max((p.detach().float() - weights[n]).abs().max().item()
+                                for n, p in trainer.engine.module.named_parameters() if p.numel() > 0)
         if rank == 0:
-            torch.save({'losses': step_losses, 'weights': weights, 'ema': ema},
+            torch.save({'losses': step_losses, 'weights': weights, 'ema': ema, 'ema_eval_diff': ema_eval_diff,
+                        'restored_diff': restored_diff},
                        os.path.join(out_dir, f'zero{stage}_world{world}.pt'))
         del trainer
 
@@ -322,6 +336,8 @@ def test_zero_stages_match_single_process(tmp_path):
     assert ref['losses'][0] != ref['losses'][-1]
     for stage in (1, 2, 3):
         got = torch.load(tmp_path / f'zero{stage}_world2.pt')
+        assert got['ema_eval_diff'] < 1e-4, f'ZeRO-{stage}: eval with the EMA swapped in is not the EMA model'
+        assert got['restored_diff'] == 0, f'ZeRO-{stage}: weights not restored after the EMA eval'
         assert got['losses'] == pytest.approx(ref['losses'], rel=1e-6), f'ZeRO-{stage} losses'
         assert got['weights'].keys() == ref['weights'].keys()
         for k in ref['weights']:
@@ -452,6 +468,29 @@ def test_nonfinite_steps_are_skipped_then_stop_names_step_and_checkpoint(shards,
     assert '2 non-finite steps in a row' in res.stderr
     assert f'last good checkpoint: {tmp_path / "run" / "checkpoints" / committed[-1]}' in res.stderr
     assert 'non-finite loss, skipped' in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_weights_only_restart_at_another_world_size_says_so(shards, uninterrupted, tmp_path):
+    """checkpoint.on_world_size_change=weights_only: the 2-rank weights, a fresh optimizer (Adam step 1 after one
+    step), the step count and schedule go on; the log says what was not restored."""
+    import shutil
+    src = uninterrupted / 'checkpoints' / 'step_00000003'
+    run = tmp_path / 'run'
+    shutil.copytree(src, run / 'checkpoints' / 'step_00000003')
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, run, deepspeed={'zero_stage': 3, 'grad_accum_steps': 2},
+                       checkpoint={'interval_steps': 1, 'keep_last': 5, 'on_world_size_change': 'weights_only'},
+                       schedule={'total_steps': 4, 'warmup_steps': 2})
+    out = run_procs(1, ['-m', 'pretrain', 'train', str(cfg)])
+    assert '(weights_only)' in out and 'optimizer state (weights-only restart' in out
+    saved = consolidated(str(src), 3)
+    after = consolidated(str(run / 'checkpoints' / 'step_00000004'), 4)
+    params = [k for k in saved if 'running_' not in k and 'num_batches' not in k]
+    assert 0 < max((after[k] - saved[k]).abs().max().item() for k in params) < 5e-3
+    optim_file, = (run / 'checkpoints' / 'step_00000004' / 'global_step4').glob('*optim_states.pt')
+    state = torch.load(optim_file, weights_only=False)['optimizer_state_dict']['optimizer_state_dict']['state']
+    assert {float(v['step']) for v in state.values()} == {1.0}
 
 
 if __name__ == '__main__':

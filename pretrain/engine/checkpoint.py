@@ -258,6 +258,14 @@ class CheckpointManager:
         """Restore everything the plan allows. Returns a report dict (mode, step, what was not restored)."""
         report: dict = {'mode': plan.mode, 'step': plan.step, 'from': plan.step_dir, 'not_restored': []}
         if plan.mode == 'weights_only':
+            # DeepSpeed's ZeRO-3 module-only load consolidates through zero_to_fp32 without the tag, i.e. it reads
+            # <dir>/latest; point it at this step folder's own save.
+            latest = os.path.join(plan.step_dir, 'latest')
+            if self.rank == 0 and not os.path.isfile(latest):
+                with open(latest + '.tmp', 'w') as f:
+                    f.write(plan.ds_tag)
+                os.replace(latest + '.tmp', latest)
+            edist.barrier()
             engine.load_checkpoint(plan.step_dir, tag=plan.ds_tag, load_module_only=True,
                                    load_optimizer_states=False, load_lr_scheduler_states=False)
             report['not_restored'].append('optimizer state (weights-only restart at a new world size)')

@@ -32,6 +32,16 @@ def _materialized(p: torch.Tensor) -> bool:
     return p.data.numel() == getattr(p, 'ds_numel', -1) and p.data.numel() > 0
 
 
+def _gather_partition(part: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Every rank's equal-size 1-D partition of ``p`` -> the whole tensor (``p.ds_shape``); collective."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return part[:p.ds_numel].view(p.ds_shape)
+    parts = [torch.empty_like(part) for _ in range(world)]
+    dist.all_gather(parts, part.contiguous())
+    return torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
+
+
 def _source(p: torch.Tensor) -> torch.Tensor:
     """The tensor this rank owns for ``p``: its ZeRO-3 partition, or the whole parameter."""
     return p.ds_tensor if _partitioned(p) else p.data
@@ -75,39 +85,29 @@ class EMA:
 
         Collective under ZeRO-3 (every rank must enter): small "persistent" parameters are kept gathered by
         ZeRO-3 and never re-read from their partitions, so their whole EMA value is gathered and written too."""
-        backup, backup_whole = {}, {}
+        backup = {}
         with torch.no_grad():
             for name, t in self._tensors():
                 src = _source(t)
                 backup[name] = src.clone()
                 src.copy_(self.shadow[name].to(src.dtype))
                 if self.partitioned[name] and _materialized(t):
-                    backup_whole[name] = t.data.clone()
-                    t.data.copy_(self._gather(name, t).to(t.dtype))
+                    t.data.copy_(_gather_partition(self.shadow[name], t).to(t.dtype))
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, t in self._tensors():
                     _source(t).copy_(backup[name])
-                    if name in backup_whole:
-                        t.data.copy_(backup_whole[name])
-
-    def _gather(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        shadow = self.shadow[name]
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        parts = [torch.empty_like(shadow) for _ in range(world)]
-        if world > 1:
-            dist.all_gather(parts, shadow)
-        else:
-            parts = [shadow]
-        return torch.cat(parts)[:t.ds_numel].view(t.ds_shape)
+                    # Also when the forward gathered it meanwhile: the whole copy must be the weights again.
+                    if self.partitioned[name] and _materialized(t):
+                        t.data.copy_(_gather_partition(backup[name], t).to(t.dtype))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole EMA as a model state_dict (fp32, parameter shapes); collective under ZeRO-3 (call on every
         rank)."""
         tensors = dict(self._tensors())
-        return {name: (self._gather(name, tensors[name]) if self.partitioned[name] else shadow).clone()
+        return {name: (_gather_partition(shadow, tensors[name]) if self.partitioned[name] else shadow).clone()
                 for name, shadow in self.shadow.items()}
 
     def state_dict(self) -> dict:
