@@ -132,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     signals = [s for s in args.requeue_signals.split(',') if s]
     preemption.install(signals)  # early: a signal during start-up is honoured at the first step boundary
     import launch
+    import pretrain
     from pretrain.config import ConfigError, load_config
     overrides = list(args.overrides) + [f'run.output_dir={stage_dir / "out"}']
     if rank == 0:
         record_event(stage_dir, 'start', world_size=int(os.environ.get('WORLD_SIZE') or
                                                         os.environ.get('SLURM_NTASKS') or 1),
-                     code=str(Path(launch.__file__).parent.parent))
+                     code=str(Path(launch.__file__).parent.parent),
+                     pretrain_code=str(Path(pretrain.__file__).parent.parent))
     try:
         if args.init_from:
             overrides.append(f'model.checkpoint_path={ensure_init_weights(args.init_from, stage_dir / "init", rank)}')

@@ -154,7 +154,7 @@ def test_cascade_two_stages_afterok_init_from_predecessor(slurm_cluster, shards,
     for rank in (0, 1):
         assert (d1 / 'logs' / f'{job1}_{rank}_log.out').is_file()
         assert (d1 / 'logs' / f'{job1}_{rank}_log.err').is_file()
-    assert events(d1)[0]['code'] == str(run / 'code')
+    assert events(d1)[0]['code'] == events(d1)[0]['pretrain_code'] == str(run / 'code')
     assert (run / 'stages' / 'first' / 'train_config.yaml').is_file()
     r = launch('status', str(run))
     assert r.returncode == 0 and 'COMPLETED' in r.stdout, r.stdout + r.stderr  # 0: every stage completed
