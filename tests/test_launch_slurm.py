@@ -223,12 +223,13 @@ def test_sbatch_script_runs_under_sbatch(uninterrupted):
 
 
 def _interrupted_run(shards: Path, tmp_path: Path, name: str, interrupt: str, jobs: list[str]):
-    """Submit a stage with `python -m launch sbatch --submit`; once it passed step 6, ``usr2``: scancel
-    --signal=USR2, ``requeue``: scontrol requeue; wait until it completes."""
+    """Submit a stage with `python -m launch sbatch --submit` (``usr2_submitit``: `python -m launch submit`, Submitit);
+    once it passed step 6, ``usr2*``: scancel --signal=USR2, ``requeue``: scontrol requeue; wait until it
+    completes."""
     cfg = write_yaml(tmp_path / f'{name}.yaml', {
         'name': name, 'train_config': TRAIN_CONFIG, 'overrides': fast_overrides(shards, STEPS, 5),
         'runs_root': str(tmp_path / 'runs'), 'resources': RESOURCES})
-    r = launch('sbatch', str(cfg), '--submit')
+    r = launch('submit', str(cfg)) if interrupt == 'usr2_submitit' else launch('sbatch', str(cfg), '--submit')
     assert r.returncode == 0, r.stderr
     run = run_folder(r.stdout)
     meta = json.loads((run / 'run.json').read_text())
@@ -240,7 +241,7 @@ def _interrupted_run(shards: Path, tmp_path: Path, name: str, interrupt: str, jo
     while not (metrics.exists() and sum(1 for _ in metrics.open()) >= 6):
         assert time.time() < deadline, logs_tail(stage)
         time.sleep(0.2)
-    cmd = ['scancel', '--signal=USR2', job] if interrupt == 'usr2' else ['scontrol', 'requeue', job]
+    cmd = ['scontrol', 'requeue', job] if interrupt == 'requeue' else ['scancel', '--signal=USR2', job]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     rows = wait_finished(run, 420)
@@ -248,7 +249,7 @@ def _interrupted_run(shards: Path, tmp_path: Path, name: str, interrupt: str, jo
     return rows, stage
 
 
-@pytest.mark.parametrize('interrupt', ['usr2', 'requeue'])
+@pytest.mark.parametrize('interrupt', ['usr2', 'requeue', 'usr2_submitit'])
 def test_interrupted_stage_resumes_to_same_weights(interrupt, uninterrupted, shards, tmp_path, jobs_to_cancel):
     import torch
     rows, stage = _interrupted_run(shards, tmp_path, f'interrupted_{interrupt}', interrupt, jobs_to_cancel)
@@ -256,7 +257,7 @@ def test_interrupted_stage_resumes_to_same_weights(interrupt, uninterrupted, sha
     starts = [e for e in ev if e['event'] == 'start']
     assert len(starts) == 2 and [e['restart_count'] for e in starts] == [0, 1], ev
     assert rows[0]['restarts'] == 1 and rows[0]['step'] == STEPS
-    if interrupt == 'usr2':
+    if interrupt.startswith('usr2'):
         # every rank saved at the same step boundary, then the job requeued itself
         requeued = [e for e in ev if e['event'] == 'end' and e['status'] == 'requeued']
         assert len(requeued) == 1 and requeued[0]['signal'] == 'USR2', ev
