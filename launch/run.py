@@ -33,9 +33,9 @@ from launch.config import CascadeSpec, StageSpec, to_dict
 __all__ = ['Run', 'create_run', 'open_run', 'SNAPSHOT_DIRS', 'REPO_ROOT']
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# csrc/ is not copied: torch's JIT build keys the DCNv3 extension on the include path, so a copy per run would
-# recompile it (minutes) in every run; jobs get DCNV3_CSRC=<repo>/csrc/dcnv3 and the content-keyed build cache.
-SNAPSHOT_DIRS = ('pretrain', 'data_pipelines', 'launch', 'configs')
+# csrc/ is copied too: the DCNv3 build cache is keyed by the sources' content, so a snapshot reuses the extension
+# already built from identical sources, and C++ edits after submission never reach a running or requeued job.
+SNAPSHOT_DIRS = ('pretrain', 'data_pipelines', 'launch', 'configs', 'csrc')
 DCNV3_CSRC = REPO_ROOT / 'csrc' / 'dcnv3'
 _IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc', '.pytest_cache', '*.egg-info')
 
@@ -134,8 +134,8 @@ def create_run(spec: CascadeSpec, mode: str, kind: str, snapshot: bool = True) -
         stages.append({'name': st.name, 'init_from': st.init_from, 'train_config': str(train_config),
                        'job_ids': [], 'dependency': None})
     meta = {'name': spec.name, 'kind': kind, 'mode': mode, 'created': time.time(), 'code_dir': str(code_dir),
-            'snapshot': snapshot, 'dcnv3_csrc': str(DCNV3_CSRC), 'workdir': str(workdir), 'python': sys.executable,
-            'stages': stages}
+            'snapshot': snapshot, 'dcnv3_csrc': str(code_dir / 'csrc' / 'dcnv3'), 'workdir': str(workdir),
+            'python': sys.executable, 'stages': stages}
     run = Run(root, meta)
     run.save()
     return run

@@ -258,10 +258,27 @@ def test_failed_build_is_remembered_across_processes(tmp_path):
 
     first, _ = run(["-c", probe])
     assert first.returncode == 0 and "deliberately_broken" in first.stdout, first.stdout + first.stderr
-    assert list((tmp_path / "cache").glob("*/*/BUILD_FAILED.json"))
+    assert list((tmp_path / "cache").glob("*/*/*/BUILD_FAILED.json"))
     second, _ = run(["-c", probe])
     assert second.returncode == 0 and "an earlier build of these sources failed" in second.stdout, second.stdout
     assert "deliberately_broken" in second.stdout
     forced, _ = run(["-m", "pretrain.ops", "build"])
     assert forced.returncode == 1 and "deliberately_broken" in forced.stderr, forced.stdout + forced.stderr
     assert "an earlier build" not in forced.stderr
+
+
+@pytest.mark.slow
+def test_identical_sources_elsewhere_reuse_the_build(tmp_path):
+    """Builds are keyed by content: a copy of csrc/dcnv3 (a run's code snapshot) loads the already built extension
+    instead of compiling again."""
+    import shutil
+
+    built = build.load_cpu()
+    assert built is not None, build.failure("cpu")
+    copy = tmp_path / "snapshot" / "csrc" / "dcnv3"
+    shutil.copytree(os.path.join(REPO, "csrc", "dcnv3"), copy)
+    code = "from pretrain.ops import build\nm = build.load_cpu()\nprint(m.__file__ if m else build.failure('cpu'))\n"
+    env = dict(os.environ, DCNV3_CSRC=str(copy), PYTHONPATH=REPO)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == built.__file__

@@ -1,6 +1,7 @@
 """Building and loading the DCNv3 extensions from ``csrc/dcnv3``.
 
-Two extensions, built just in time on first use and cached (or ahead of time with ``python -m pretrain.ops build``):
+Two extensions, built just in time on first use and cached (or ahead of time with ``python -m pretrain.ops build``)
+under ``<cache>/<name>/<fingerprint of the sources>``, from a copy of the sources in ``<cache>/src/<fingerprint>``:
 
 * ``dcnv3_cpu_<isa>``: the fused CPU kernel, C++ only; ``<isa>`` is ``avx2`` when the CPU has AVX2+FMA, else
   ``generic``, so a cache shared by different nodes (a home directory on a cluster) never loads code built for
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
 import threading
@@ -59,16 +61,34 @@ def _cuda_include_paths() -> list[str]:
     return [str(p) for p in sorted(site.glob("nvidia/cu*/include")) if p.is_dir()]
 
 
-def _build(name: str, sources: list[Path], cuda: bool) -> ModuleType:
+def _content_copy(sources: list[Path], fingerprint: str) -> tuple[list[Path], Path]:
+    """The sources and headers copied to ``<cache>/src/<fingerprint>``. torch keys its JIT builds on paths, so building
+    from a content-addressed copy lets identical sources share one build wherever they live (a run's code snapshot,
+    another checkout), while different sources never overwrite each other's build."""
+    dest = cache_root() / "src" / fingerprint
+    if not dest.is_dir():
+        tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for path in sorted(set(sources) | set(CSRC.glob("*.h"))):
+            shutil.copyfile(path, tmp / path.name)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process published the same content first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [dest / s.name for s in sources], dest
+
+
+def _build(name: str, sources: list[Path], cuda: bool, fingerprint: str) -> ModuleType:
     from torch.utils import cpp_extension
 
-    build_dir = cache_root() / name
+    sources, src_dir = _content_copy(sources, fingerprint)
+    build_dir = cache_root() / name / fingerprint
     build_dir.mkdir(parents=True, exist_ok=True)
     cflags = ["-O3", "-fopenmp-simd"]
     if not cuda and name.endswith("_avx2"):
         cflags += ["-mavx2", "-mfma", "-mf16c"]
     kwargs: dict = dict(
-        name=name, sources=[str(s) for s in sources], extra_cflags=cflags, extra_include_paths=[str(CSRC)],
+        name=name, sources=[str(s) for s in sources], extra_cflags=cflags, extra_include_paths=[str(src_dir)],
         build_directory=str(build_dir), verbose=os.environ.get("DCNV3_VERBOSE_BUILD") == "1",
     )
     if cuda:
@@ -95,8 +115,8 @@ def _fingerprint(name: str, sources: list[Path]) -> str:
     """What a build depends on: sources and headers, the extension's name (ISA / architectures) and torch."""
     digest = hashlib.sha256(f"{name}|{torch.__version__}|{sys.version_info[:2]}".encode())
     for path in sorted(set(sources) | set(CSRC.glob("*.h"))):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _load(name: str, sources: list[Path], cuda: bool, force: bool = False) -> ModuleType | None:
@@ -109,27 +129,26 @@ def _load(name: str, sources: list[Path], cuda: bool, force: bool = False) -> Mo
         if missing:
             _failed[name] = f"sources not found: {', '.join(missing)} (set DCNV3_CSRC to the csrc/dcnv3 folder)"
             return None
-        # A failed build is remembered on disk, so that every later process (each rank, each test) does not spend
-        # minutes failing again; changed sources or `python -m pretrain ops build` (force) try again.
-        marker = cache_root() / name / "BUILD_FAILED.json"
+        # A failed build is remembered beside it, so that every later process (each rank, each test) does not spend
+        # minutes failing again; changed sources (another fingerprint) or `python -m pretrain ops build` try again.
         fingerprint = _fingerprint(name, sources)
+        marker = cache_root() / name / fingerprint / "BUILD_FAILED.json"
         if not force and marker.is_file():
             try:
-                record = json.loads(marker.read_text())
+                reason = json.loads(marker.read_text()).get("reason", "?")
             except (OSError, ValueError):
-                record = {}
-            if record.get("fingerprint") == fingerprint:
-                _failed[name] = (f"an earlier build of these sources failed ({record.get('reason', '?')}); "
-                                 "`python -m pretrain ops build` tries again")
-                return None
+                reason = "?"
+            _failed[name] = (f"an earlier build of these sources failed ({reason}); "
+                             "`python -m pretrain ops build` tries again")
+            return None
         try:
-            module = _build(name, sources, cuda)
+            module = _build(name, sources, cuda, fingerprint)
         except Exception as exc:  # noqa: BLE001 - any compiler/linker failure becomes a reported fallback
             lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
             _failed[name] = f"{type(exc).__name__}: {' | '.join(lines[-6:])}"
             marker.parent.mkdir(parents=True, exist_ok=True)
             tmp = marker.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"fingerprint": fingerprint, "reason": _failed[name]}))
+            tmp.write_text(json.dumps({"reason": _failed[name]}))
             tmp.replace(marker)
             return None
         marker.unlink(missing_ok=True)
