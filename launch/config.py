@@ -19,13 +19,13 @@ config of each stage is loaded and validated too (``pretrain.config.load_config`
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pretrain.config import ConfigError, build_dataclass
 
 __all__ = ['LaunchConfigError', 'Resources', 'StageSpec', 'CascadeSpec', 'load_stage', 'load_cascade',
            'load_any', 'RESERVED_SBATCH_KEYS', 'PREVIOUS']
@@ -45,7 +45,7 @@ RESERVED_SBATCH_KEYS = {
 SIGNALS = ('USR2', 'TERM', 'INT')  # USR1 is left out on purpose: NCCL installs its own USR1 handler
 
 
-class LaunchConfigError(ValueError):
+class LaunchConfigError(ConfigError):
     """A launch config value that cannot work; the message names the file and the dotted key."""
 
 
@@ -94,60 +94,15 @@ class CascadeSpec:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key, where)
-            except LaunchConfigError:
-                pass
-        raise LaunchConfigError(f'{where}: {key}: expected {tp}, got {value!r}'.replace('typing.', ''))
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise LaunchConfigError(f'{where}: {key}: expected a list, got {value!r}')
-        return [_convert(v, args[0], f'{key}[{i}]', where) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise LaunchConfigError(f'{where}: {key}: expected a mapping, got {value!r}')
-        return {str(k): v for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise LaunchConfigError(f'{where}: {key}: expected true/false, got {value!r}')
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise LaunchConfigError(f'{where}: {key}: expected an integer, got {value!r}')
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LaunchConfigError(f'{where}: {key}: expected a number, got {value!r}')
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise LaunchConfigError(f'{where}: {key}: expected a string, got {value!r}')
-        return value
-    raise TypeError(f'unsupported schema type {tp!r} at {key}')
-
-
 def _build(cls: type, data: Any, prefix: str, where: str, skip: tuple[str, ...] = ()):
-    if not isinstance(data, dict):
-        raise LaunchConfigError(f'{where}: {prefix or "<top>"}: expected a mapping, got {data!r}')
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
-    unknown = sorted(set(data) - names)
-    if unknown:
-        key = f'{prefix}.{unknown[0]}' if prefix else unknown[0]
-        raise LaunchConfigError(f'{where}: {key}: unknown key (known in {prefix or "<top>"}: {sorted(names)})')
-    return cls(**{k: _convert(v, hints[k], f'{prefix}.{k}' if prefix else k, where) for k, v in data.items()})
+    """``data`` as the dataclass ``cls`` through the training config's reader (one type checker for every config),
+    raising LaunchConfigError."""
+    try:
+        return build_dataclass(cls, data, prefix, where, skip)
+    except LaunchConfigError:
+        raise
+    except ConfigError as e:
+        raise LaunchConfigError(str(e)) from None
 
 
 def validate_resources(r: Resources, where: str, prefix: str = 'resources') -> None:

@@ -209,7 +209,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f'{where}: {key}: must be one of {list(args)}, got {value!r}')
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, where)
+        return build_dataclass(tp, value, key, where)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f'{where}: {key}: expected a list, got {value!r}')
@@ -243,13 +243,16 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     raise TypeError(f'unsupported schema type {tp!r} at {key}')
 
 
-def _build(cls: type, data: Any, prefix: str, where: str):
+def build_dataclass(cls: type, data: Any, prefix: str = '', where: str = '<config>', skip: tuple[str, ...] = ()):
+    """``data`` (a mapping from YAML) as the dataclass ``cls``, converting and checking every field's type; fields in
+    ``skip`` are refused as unknown. Raises ConfigError naming ``where`` (the file) and the dotted key. Every typed
+    config of the project (this schema, launch's) is read through here."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f'{where}: {prefix or "<top>"}: expected a mapping, got {data!r}')
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
     unknown = sorted(set(data) - names)
     if unknown:
         key = f'{prefix}.{unknown[0]}' if prefix else unknown[0]
@@ -329,7 +332,7 @@ def _apply_override(raw: dict, key: str, value: Any) -> None:
 
 def config_from_dict(raw: dict, where: str = '<dict>') -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from nested dicts (``where`` names the source in errors)."""
-    cfg = _build(TrainConfig, raw, '', where)
+    cfg = build_dataclass(TrainConfig, raw, '', where)
     validate(cfg, where)
     return cfg
 
@@ -350,15 +353,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(raw, dict):
             raise ConfigError(f'{path}: the top level must be a mapping')
     # Type errors in the file are reported against the file before overrides can mask them.
-    _build(TrainConfig, raw, '', where)
+    build_dataclass(TrainConfig, raw, '', where)
     pairs = parse_overrides(list(overrides or []))
     for key, value in pairs:
         _apply_override(raw, key, value)
     if pairs:
         where = f'{where} + command line'
-        cfg = _build(TrainConfig, raw, '', 'command line')
+        cfg = build_dataclass(TrainConfig, raw, '', 'command line')
     else:
-        cfg = _build(TrainConfig, raw, '', where)
+        cfg = build_dataclass(TrainConfig, raw, '', where)
     validate(cfg, where)
     return cfg
 
