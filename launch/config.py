@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pretrain.config import ConfigError, build_dataclass
+from pretrain.config import ConfigError, build_dataclass, read_yaml
 
 __all__ = ['LaunchConfigError', 'Resources', 'StageSpec', 'CascadeSpec', 'load_stage', 'load_cascade',
            'load_any', 'RESERVED_SBATCH_KEYS', 'PREVIOUS']
@@ -165,15 +163,9 @@ def _check_stage(st: StageSpec, where: str, prefix: str, earlier: list[str]) -> 
 
 def _read_yaml(path: str | Path) -> dict:
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise LaunchConfigError(f'{path}: cannot read: {e}') from e
-    except yaml.YAMLError as e:
-        raise LaunchConfigError(f'{path}: not valid YAML: {e}') from e
-    if not isinstance(raw, dict):
-        raise LaunchConfigError(f'{path}: the top level must be a mapping')
-    return raw
+        return read_yaml(path)
+    except ConfigError as e:
+        raise LaunchConfigError(str(e)) from None
 
 
 def is_cascade(raw: dict) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -337,21 +338,33 @@ def config_from_dict(raw: dict, where: str = '<dict>') -> TrainConfig:
     return cfg
 
 
+def read_yaml(path: str | Path) -> dict:
+    """The mapping at the top of a YAML file; ConfigError naming the file when it cannot be read or is no mapping."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f'{path}: cannot read: {e}') from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{path}: not valid YAML: {e}') from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{path}: the top level must be a mapping')
+    return raw
+
+
+def load_config_or_report(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig | None:
+    """For command lines: the config, or None after printing the error (the caller exits with status 2)."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        print(f'config error: {e}', file=sys.stderr)
+        return None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML file (or start from defaults when ``path`` is None), apply ``key.sub=value`` overrides, validate."""
-    raw: dict = {}
-    where = 'defaults'
-    if path is not None:
-        where = str(path)
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f'{path}: cannot read: {e}') from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f'{path}: not valid YAML: {e}') from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f'{path}: the top level must be a mapping')
+    raw: dict = read_yaml(path) if path is not None else {}
+    where = str(path) if path is not None else 'defaults'
     # Type errors in the file are reported against the file before overrides can mask them.
     build_dataclass(TrainConfig, raw, '', where)
     pairs = parse_overrides(list(overrides or []))

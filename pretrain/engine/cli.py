@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from pretrain.config import ConfigError, config_to_dict, load_config
+from pretrain.config import config_to_dict, load_config_or_report
 
 __all__ = ['main']
 
@@ -21,10 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('overrides', nargs='*', help='key.sub=value (YAML values), applied after the file')
     parser.add_argument('--print-config', action='store_true', help='print the resolved config as JSON and exit')
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f'config error: {e}', file=sys.stderr)
+    cfg = load_config_or_report(args.config, args.overrides)
+    if cfg is None:
         return 2
     if args.print_config:
         print(json.dumps(config_to_dict(cfg), indent=1))

@@ -160,7 +160,7 @@ def plan(cfg, *, world_size: int, gpu_mem_gib: float, reserve_gib: float = 2.0, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pretrain.config import ConfigError, load_config
+    from pretrain.config import load_config_or_report
 
     parser = argparse.ArgumentParser(prog='python -m pretrain plan', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,10 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--measure-size', type=int, default=64, help='px of the activation measurement (CPU)')
     parser.add_argument('--json', action='store_true')
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f'config error: {e}', file=sys.stderr)
+    cfg = load_config_or_report(args.config, args.overrides)
+    if cfg is None:
         return 2
     result = plan(cfg, world_size=args.world_size, gpu_mem_gib=args.gpu_mem, reserve_gib=args.reserve,
                   measure_size=args.measure_size)
