@@ -69,9 +69,10 @@ def worker(args) -> None:
     trainer = Trainer(cfg, build_data=False)
     x = torch.randn(2, 3, 32, 32).to(trainer.dtype)
     y = torch.zeros(2, dtype=torch.long)
-    trainer.train_step(lambda: (x, y))  # the first step creates Adam's states
+    batch = {'image': x, 'label': y, 'key': ['a', 'b']}
+    trainer.train_step(lambda: batch)  # the first step creates Adam's states
     # Peak of model states: parameters + optimizer states + gradients, i.e. after the backward, before the step.
-    loss = trainer.forward_loss(x, y)
+    loss, _ = trainer.objective.loss(batch, 1, 0)
     trainer.engine.backward(loss)
     del loss
     measured = live_tensor_bytes() - x.numel() * x.element_size() - y.numel() * y.element_size()

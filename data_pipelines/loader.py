@@ -185,7 +185,8 @@ class WebDatasetStream(IterableDataset):
     """Iterable dataset over WebDataset shards; ``iter()`` gives a resumable :class:`_WorkerIterator`.
 
     Samples are dicts ``{"image": Tensor[3,H,W], "label": int (-1 if absent), "key": str, "source": str,
-    "text": LongTensor[77] (only with a tokenizer)}``.
+    "text": LongTensor[77] and "has_text": bool (only with a tokenizer; ``has_text`` is False for a sample without
+    a caption when captions are not required, whose ``text`` is then the empty caption's tokens)}``.
     """
 
     def __init__(self, sources: Sequence[SourceSpec], *, mode: str, seed: int, rank: int, world_size: int,
@@ -345,6 +346,7 @@ class _WorkerIterator:
         sample = {"image": image, "label": fields["label"], "key": raw["__key__"], "source": source.name}
         if ds.tokenizer is not None:
             sample["text"] = ds.tokenizer(fields["caption"] or "")
+            sample["has_text"] = fields["caption"] is not None
         return sample
 
     # ---- state -------------------------------------------------------------------------------------------------
@@ -508,8 +510,9 @@ def build_loader(sources: Sequence[SourceSpec] | SourceSpec, *, batch_size: int,
     captions are required when a tokenizer is given (unless ``caption_required=False``).
 
     Out: a :class:`WebDatasetLoader` (a ``StatefulDataLoader``) yielding dicts ``image`` float [B,3,H,W],
-    ``label`` long [B] (-1 where absent), ``key`` list[str], ``source`` list[str], ``text`` long [B,77] with a
-    tokenizer. ``state_dict()`` / ``load_state_dict()`` resume exactly; ``skip_counts()`` reports bad samples.
+    ``label`` long [B] (-1 where absent), ``key`` list[str], ``source`` list[str], ``text`` long [B,77] and
+    ``has_text`` bool [B] with a tokenizer. ``state_dict()`` / ``load_state_dict()`` resume exactly;
+    ``skip_counts()`` reports bad samples.
     """
     if isinstance(sources, SourceSpec):
         sources = [sources]

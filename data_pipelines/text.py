@@ -25,11 +25,13 @@ def clean_caption(data: bytes) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def build_tokenizer(model_name: str = "ViT-B-32") -> Callable[[str], torch.Tensor]:
-    """open_clip tokenizer for ``model_name``: ``str -> LongTensor[77]`` (start/end tokens, zero padded)."""
+def build_tokenizer(model_name: str = "ViT-B-32",
+                    context_length: int = CONTEXT_LENGTH_TOKENS) -> Callable[[str], torch.Tensor]:
+    """open_clip tokenizer for ``model_name``: ``str -> LongTensor[context_length]`` (start/end tokens, zero
+    padded, truncated to the context length)."""
     import open_clip
 
-    tokenizer = open_clip.get_tokenizer(model_name)
+    tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
 
     def tokenize(caption: str) -> torch.Tensor:
         return tokenizer([caption])[0]

@@ -23,6 +23,7 @@ import yaml
 __all__ = [
     'ConfigError', 'TrainConfig', 'ModelConfig', 'SourceConfig', 'DataConfig', 'LossConfig', 'OptimConfig',
     'ScheduleConfig', 'DeepSpeedConfig', 'EMAConfig', 'CheckpointConfig', 'LoggingConfig', 'RunConfig',
+    'ObjectiveConfig', 'ContrastiveConfig', 'SupervisedConfig', 'MIMConfig', 'ZeroShotConfig',
     'load_config', 'config_from_dict', 'config_to_dict', 'parse_overrides',
 ]
 
@@ -39,6 +40,8 @@ class ModelConfig:
     grad_checkpointing: bool = False
     grad_checkpointing_every: int = 1
     checkpoint_path: str | None = None  # initial weights (official / timm layout)
+    checkpoint_use_ema: bool = False  # take the EMA weights of checkpoint_path when it has them
+    head_index: str | None = None  # class-index file (one index per line): slice the checkpoint's head (22k -> 1k)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments (channels, depths, core_op ...)
 
 
@@ -125,6 +128,59 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class SupervisedConfig:
+    weight: float = 1.0  # cross-entropy on samples with a .cls label (label smoothing from loss.label_smoothing)
+
+
+@dataclass
+class ContrastiveConfig:
+    """Image-text InfoNCE against an open_clip text tower trained jointly (M3I's text target)."""
+    weight: float = 0.0
+    embed_dim: int = 768  # joint space; InternImage-H/G's attention-pooling head gives 768-d already
+    text_width: int = 768  # the text tower: 12 x 768 (BERT-Base size, as M3I) by default
+    text_layers: int = 12
+    text_heads: int = 12
+    context_length: int = 77
+    tokenizer: str = 'ViT-B-32'  # open_clip tokenizer name (its vocabulary sets the embedding table)
+    init_temperature: float = 0.07  # logit scale starts at 1 / init_temperature, learnable
+    max_logit_scale: float = 100.0
+    local_loss: bool = False  # each rank: its rows against all columns (less memory, same gradient)
+    gather_with_grad: bool = True  # negatives from every rank, with gradient
+
+
+@dataclass
+class MIMConfig:
+    """Masked image modelling with a teacher: an EMA of the student predicts targets for masked cells."""
+    weight: float = 0.0
+    mask_ratio: float = 0.6  # of the cells of the mask grid
+    mask_patch: int = 32  # the mask grid's cell size in pixels (the stride of the last stage)
+    decoder_dim: int = 512
+    decoder_depth: int = 1  # ConvNeXt V2 blocks in the prediction decoder
+    teacher_decay: float = 0.996  # teacher EMA decay at step 0, cosine to teacher_decay_end (BYOL / SiameseIM)
+    teacher_decay_end: float = 1.0
+
+
+@dataclass
+class ZeroShotConfig:
+    """Zero-shot classification of the val sources with the text tower (needs contrastive.weight > 0)."""
+    enabled: bool = True
+    classnames: str | None = None  # one class name per line, in label order; None: no zero-shot eval
+    templates: Literal['simple', 'openai'] = 'simple'  # open_clip's SIMPLE_/OPENAI_IMAGENET_TEMPLATES
+    classes_per_batch: int = 50
+
+
+@dataclass
+class ObjectiveConfig:
+    """``supervised``: classification (Mixup/CutMix, label smoothing: the fine-tuning stages). ``m3i``: the weighted
+    sum of the objectives below whose weight is > 0; each runs on the samples that carry its target."""
+    kind: Literal['supervised', 'm3i'] = 'supervised'
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    mim: MIMConfig = field(default_factory=MIMConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+
+
+@dataclass
 class EMAConfig:
     enabled: bool = False
     decay: float = 0.9999
@@ -163,6 +219,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -426,6 +483,8 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
     if not 0 < data.scale_min <= 1:
         fail('data.scale_min', f'must be in (0, 1], got {data.scale_min}')
 
+    _validate_objective(cfg, fail)
+
     if not 0 <= loss.label_smoothing < 1:
         fail('loss.label_smoothing', f'must be in [0, 1), got {loss.label_smoothing}')
     if loss.mixup_alpha < 0 or loss.cutmix_alpha < 0:
@@ -483,3 +542,45 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
         fail('run.stop_after_steps', 'must be >= 1')
     if cfg.run.eval_interval_steps < 0:
         fail('run.eval_interval_steps', 'must be >= 0')
+
+
+def _validate_objective(cfg: TrainConfig, fail) -> None:
+    ob = cfg.objective
+    if ob.kind == 'supervised':
+        return
+    weights = {'supervised': ob.supervised.weight, 'contrastive': ob.contrastive.weight, 'mim': ob.mim.weight}
+    for name, w in weights.items():
+        if w < 0:
+            fail(f'objective.{name}.weight', f'must be >= 0, got {w}')
+    if not any(w > 0 for w in weights.values()):
+        fail('objective', 'm3i needs at least one objective with weight > 0 (supervised, contrastive, mim)')
+    if cfg.loss.mixup_alpha > 0 or cfg.loss.cutmix_alpha > 0:
+        fail('loss.mixup_alpha', 'Mixup/CutMix belong to objective.kind=supervised; set them to 0 for m3i')
+    c = ob.contrastive
+    if c.weight > 0:
+        if c.embed_dim < 1 or c.text_layers < 1 or c.text_heads < 1 or c.context_length < 2:
+            fail('objective.contrastive', 'embed_dim, text_layers, text_heads must be >= 1, context_length >= 2')
+        if c.text_width % c.text_heads:
+            fail('objective.contrastive.text_width', f'{c.text_width} is not divisible by text_heads {c.text_heads}')
+        if not 0 < c.init_temperature < 1 or c.max_logit_scale <= 1:
+            fail('objective.contrastive.init_temperature', 'must be in (0, 1), and max_logit_scale > 1')
+    m = ob.mim
+    if m.weight > 0:
+        if not 0 < m.mask_ratio < 1:
+            fail('objective.mim.mask_ratio', f'must be in (0, 1), got {m.mask_ratio}')
+        if m.mask_patch < 16 or m.mask_patch & (m.mask_patch - 1):
+            fail('objective.mim.mask_patch', f'must be a power of two >= 16, got {m.mask_patch}')
+        if cfg.data.img_size % m.mask_patch:
+            fail('objective.mim.mask_patch', f'data.img_size {cfg.data.img_size} is not a multiple of {m.mask_patch}')
+        if not 0 < m.teacher_decay <= m.teacher_decay_end <= 1:
+            fail('objective.mim.teacher_decay', 'need 0 < teacher_decay <= teacher_decay_end <= 1')
+        if m.decoder_dim < 1 or m.decoder_depth < 0:
+            fail('objective.mim.decoder_dim', 'decoder_dim must be >= 1 and decoder_depth >= 0')
+    z = ob.zero_shot
+    if z.enabled and z.classnames is not None:
+        if c.weight <= 0:
+            fail('objective.zero_shot.classnames', 'zero-shot evaluation needs the text tower (contrastive.weight > 0)')
+        if not Path(z.classnames).is_file():
+            fail('objective.zero_shot.classnames', f'{z.classnames} does not exist')
+    if z.classes_per_batch < 1:
+        fail('objective.zero_shot.classes_per_batch', 'must be >= 1')

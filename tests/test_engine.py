@@ -286,10 +286,10 @@ def _parity_worker(out_dir: str, stages: list[int], precision: str, eps: float) 
         for s in range(steps):
             micro = iter(range(global_batch // (mb * world)))
 
-            def next_micro(s=s, micro=micro, dtype=trainer.dtype):
+            def next_micro(s=s, micro=micro):
                 i = next(micro)
                 lo = (rank * (global_batch // world)) + i * mb
-                return images[s, lo:lo + mb].to(dtype), labels[s, lo:lo + mb]
+                return {'image': images[s, lo:lo + mb], 'label': labels[s, lo:lo + mb], 'key': [''] * mb}
 
             res = trainer.train_step(next_micro)
             from pretrain.engine.dist import all_reduce_sum

@@ -8,6 +8,7 @@ Layout (``root = <output_dir>/checkpoints``, a folder every rank sees)::
         zero_to_fp32.py            copied by DeepSpeed (consolidates fp32 weights offline)
         rank_00000.pt ...          per rank: data loader state, RNG states
         ema_00000.pt ...           per rank: EMA (its ZeRO-3 partition, or the whole EMA on rank 0 otherwise)
+        teacher_00000.pt ...       the same for the MIM teacher (an EMA of the backbone), when the objective has one
         trainer.pt                 rank 0: step, samples seen, epoch, scheduler, counters, world size, config
         config.yaml                the resolved config, for people
         COMPLETE                   commit marker (JSON), written last
@@ -191,8 +192,10 @@ class CheckpointManager:
         edist.barrier()
 
     # --------------------------------------------------------------------------------------------------------------
-    def save(self, engine, state: TrainState, *, scheduler, loader, ema, config: dict) -> str:
-        """Collective: every rank calls it. Returns the committed step folder."""
+    def save(self, engine, state: TrainState, *, scheduler, loader, averages: dict, config: dict) -> str:
+        """Collective: every rank calls it. ``averages``: named :class:`~pretrain.engine.ema.EMA` objects (``ema``,
+        ``teacher``; None entries are skipped), saved as ``<name>_<rank>.pt``. Returns the committed step folder."""
+        averages = {k: v for k, v in averages.items() if v is not None}
         step_dir = self.step_dir(state.step)
         if os.path.isfile(os.path.join(step_dir, MARKER)):
             return step_dir  # this step is already committed (e.g. the final save right after an interval save)
@@ -204,13 +207,14 @@ class CheckpointManager:
         _atomic_torch_save({'loader': loader.state_dict() if loader is not None else None, 'rng': rng_state(),
                             'rank': self.rank, 'world_size': self.world_size},
                            os.path.join(step_dir, f'rank_{self.rank:05d}.pt'))
-        if ema is not None and (self.rank == 0 or any(ema.partitioned.values())):
-            _atomic_torch_save(ema.state_dict(), os.path.join(step_dir, f'ema_{self.rank:05d}.pt'))
+        for name, avg in averages.items():
+            if self.rank == 0 or any(avg.partitioned.values()):
+                _atomic_torch_save(avg.state_dict(), os.path.join(step_dir, f'{name}_{self.rank:05d}.pt'))
         if self.rank == 0:
             import yaml
             _atomic_torch_save({'train_state': state.state_dict(), 'scheduler': scheduler.state_dict(),
                                 'world_size': self.world_size, 'config': config,
-                                'ema_partitioned': bool(ema is not None and any(ema.partitioned.values()))},
+                                'averages_partitioned': {k: any(v.partitioned.values()) for k, v in averages.items()}},
                                os.path.join(step_dir, 'trainer.pt'))
             with open(os.path.join(step_dir, 'config.yaml'), 'w') as f:
                 yaml.safe_dump(config, f, sort_keys=False)
@@ -254,7 +258,7 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
     # --------------------------------------------------------------------------------------------------------------
-    def load(self, plan: ResumePlan, engine, state: TrainState, *, scheduler, loader, ema) -> dict:
+    def load(self, plan: ResumePlan, engine, state: TrainState, *, scheduler, loader, averages: dict) -> dict:
         """Restore everything the plan allows. Returns a report dict (mode, step, what was not restored)."""
         report: dict = {'mode': plan.mode, 'step': plan.step, 'from': plan.step_dir, 'not_restored': []}
         if plan.mode == 'weights_only':
@@ -289,22 +293,24 @@ class CheckpointManager:
                                        'RNG states (reseeded from seed, step and rank)']
             if loader is not None:
                 loader.set_epoch(state.epoch)
-        if ema is not None:
-            if trainer.get('ema_partitioned'):
-                files = [os.path.join(plan.step_dir, f'ema_{r:05d}.pt') for r in range(plan.saved_world_size)]
+        partitioned = trainer.get('averages_partitioned', {'ema': trainer.get('ema_partitioned', False)})
+        for name, avg in averages.items():
+            if avg is None:
+                continue
+            if partitioned.get(name):
+                files = [os.path.join(plan.step_dir, f'{name}_{r:05d}.pt') for r in range(plan.saved_world_size)]
             else:
-                files = [os.path.join(plan.step_dir, 'ema_00000.pt')]
-            if all(os.path.isfile(f) for f in files):
-                if plan.mode == 'exact' and trainer.get('ema_partitioned'):
-                    # Same world size: only this rank's partition is needed; the others are placeholders in order.
-                    own = torch.load(files[self.rank], map_location='cpu', weights_only=False)
-                    states = [own if r == self.rank else None for r in range(plan.saved_world_size)]
-                    states = [s if s is not None else _like_partition(own) for s in states]
-                else:
-                    states = [torch.load(f, map_location='cpu', weights_only=False) for f in files]
-                ema.load_state_dicts(states)
+                files = [os.path.join(plan.step_dir, f'{name}_00000.pt')]
+            if not all(os.path.isfile(f) for f in files):
+                report['not_restored'].append(f'{name} (not in the checkpoint; restarted from the current weights)')
+                continue
+            if plan.mode == 'exact' and partitioned.get(name):
+                # Same world size: only this rank's partition is needed; the others are placeholders in order.
+                own = torch.load(files[self.rank], map_location='cpu', weights_only=False)
+                states = [own if r == self.rank else _like_partition(own) for r in range(plan.saved_world_size)]
             else:
-                report['not_restored'].append('EMA (not in the checkpoint; restarted from the current weights)')
+                states = [torch.load(f, map_location='cpu', weights_only=False) for f in files]
+            avg.load_state_dicts(states)
         return report
 
 

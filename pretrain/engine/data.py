@@ -7,8 +7,6 @@ over ranks; a rank that still had a batch drops it).
 """
 from __future__ import annotations
 
-import torch
-
 from data_pipelines.loader import SourceSpec, build_loader, resolve_shards
 from data_pipelines.transforms import build_eval_transform, build_train_transform
 from pretrain.config import SourceConfig, TrainConfig
@@ -21,15 +19,22 @@ def _specs(sources: list[SourceConfig]) -> list[SourceSpec]:
     return [SourceSpec(s.name, s.urls, weight=s.weight, manifest=s.manifest) for s in sources]
 
 
-def build_train_loader(cfg: TrainConfig, rank: int, world_size: int, epoch: int = 0):
+def build_train_loader(cfg: TrainConfig, rank: int, world_size: int, epoch: int = 0, tokenize: bool = False):
+    """``tokenize``: captions become ``text`` tokens (open_clip's tokenizer of ``objective.contrastive``) with a
+    ``has_text`` flag; samples without a caption are kept (labelled sources mixed with image-text ones)."""
     d = cfg.data
+    tokenizer = None
+    if tokenize:
+        from data_pipelines.text import build_tokenizer
+        c = cfg.objective.contrastive
+        tokenizer = build_tokenizer(c.tokenizer, context_length=c.context_length)
     transform = build_train_transform(d.img_size, scale=(d.scale_min, 1.0), hflip=d.hflip,
                                       color_jitter=d.color_jitter, auto_augment=d.auto_augment, re_prob=d.re_prob,
                                       interpolation=d.interpolation)
     return build_loader(_specs(d.train), batch_size=cfg.deepspeed.micro_batch_size, num_workers=d.num_workers,
                         mode=d.mode, seed=d.seed, rank=rank, world_size=world_size, transform=transform,
                         epoch=epoch, drop_last=True, interleave_shards=d.interleave_shards,
-                        samples_per_epoch=d.samples_per_epoch)
+                        samples_per_epoch=d.samples_per_epoch, tokenizer=tokenizer, caption_required=False)
 
 
 def build_val_loader(cfg: TrainConfig, rank: int, world_size: int):
@@ -79,12 +84,3 @@ class BatchStream:
             self.state.epoch += 1
             self.loader.set_epoch(self.state.epoch)
         raise RuntimeError(f'epoch {self.state.epoch}: the data loader yields no batch on some rank')
-
-
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    images = batch['image'].to(device, non_blocking=True).to(dtype)
-    labels = batch['label'].to(device, non_blocking=True)
-    if (labels < 0).any():
-        keys = [k for k, lab in zip(batch['key'], labels.tolist()) if lab < 0][:3]
-        raise ValueError(f'supervised training needs a .cls label on every sample; none for {keys}')
-    return images, labels

@@ -7,8 +7,11 @@ Each rank keeps the EMA of what it holds:
 The average is taken of the module weights (bf16/fp16 under mixed precision, fp32 otherwise) into fp32 accumulators,
 so tiny ``(1 - decay)`` updates are not rounded away (the official script keeps its EMA in fp16).
 
+Non-persistent buffers (constants such as a text tower's causal mask) are not averaged.
+
 ``state_dict()`` is per rank; :meth:`EMA.load_state_dicts` takes the states of *all* saved ranks, so a ZeRO-3 EMA
-saved at one world size reloads at another (partitions are concatenated and re-cut).
+saved at one world size reloads at another (partitions are concatenated and re-cut by :func:`merge_saved_states`,
+which also gives the whole average offline).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ['EMA']
+__all__ = ['EMA', 'merge_saved_states']
 
 
 def _partitioned(p: torch.Tensor) -> bool:
@@ -62,8 +65,12 @@ class EMA:
     def _tensors(self):
         for name, p in self.module.named_parameters():
             yield name, p
+        # Persistent float buffers only (BatchNorm statistics): non-persistent ones are constants, e.g. a causal
+        # attention mask full of -inf, whose average would be nan.
+        transient = {f'{prefix}.{b}' if prefix else b for prefix, m in self.module.named_modules()
+                     for b in getattr(m, '_non_persistent_buffers_set', ())}
         for name, b in self.module.named_buffers():
-            if b.is_floating_point():
+            if b.is_floating_point() and name not in transient:
                 yield name, b
 
     def current_decay(self) -> float:
@@ -121,17 +128,12 @@ class EMA:
     def load_state_dicts(self, states: list[dict]) -> None:
         """Restore from the states of every saved rank, in rank order (only rank 0's is needed without ZeRO-3)."""
         rank = dist.get_rank() if dist.is_initialized() else 0
-        first = states[0]
-        missing = set(self.shadow) - set(first['shadow'])
+        missing = set(self.shadow) - set(states[0]['shadow'])
         if missing:
             raise KeyError(f'EMA state lacks {sorted(missing)[:5]} ...')
+        whole = merge_saved_states(states)
         for name in self.shadow:
-            if first['partitioned'].get(name):
-                full = torch.cat([s['shadow'][name] for s in states])
-            else:
-                full = first['shadow'][name].reshape(-1)
-            numel = math.prod(first['shapes'][name])
-            full = full[:numel]
+            full = whole[name].reshape(-1)
             if self.partitioned[name]:
                 size = self.shadow[name].numel()
                 piece = full[rank * size:(rank + 1) * size]
@@ -140,4 +142,23 @@ class EMA:
                 self.shadow[name] = new.to(self.shadow[name].device)
             else:
                 self.shadow[name] = full.view(self.shadow[name].shape).float().to(self.shadow[name].device).clone()
-        self.num_updates = int(first['num_updates'])
+        self.num_updates = int(states[0]['num_updates'])
+
+
+def merge_saved_states(states: list[dict]) -> dict[str, torch.Tensor]:
+    """The whole average as a state_dict (fp32, full shapes) from the :meth:`EMA.state_dict` of every
+    saved rank in rank order: ZeRO-3 partitions are concatenated and cut to their shapes; entries that are not
+    partitioned come from the first state (rank 0's alone suffices when nothing is partitioned). Needs no module or
+    process group (offline export reads checkpoints with it)."""
+    first = states[0]
+    if any(first['partitioned'].values()) and len(states) != int(first['world_size']):
+        raise ValueError(f'partitioned EMA state saved by {first["world_size"]} ranks, got {len(states)} states')
+    out = {}
+    for name, shadow in first['shadow'].items():
+        if first['partitioned'].get(name):
+            flat = torch.cat([s['shadow'][name].reshape(-1) for s in states])
+        else:
+            flat = shadow.reshape(-1)
+        shape = first['shapes'][name]
+        out[name] = flat[:math.prod(shape)].view(shape)
+    return out

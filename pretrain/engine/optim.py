@@ -20,14 +20,17 @@ DCN_LR_MUL_KEYS = ('offset', 'attention_weights', 'center_feature_scale_proj', '
 def _layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     """Parameter name -> layer id (forward order) from ``model.group_matcher``; every parameter in one group when
     the model has none."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    matcher = getattr(model, 'group_matcher', None)
+    # A wrapper (the M3I model) names the module whose layers count: its parameters are prefixed, the wrapper's own
+    # (objective heads, text tower) fall in the last group.
+    root, prefix = model.layer_decay_root() if hasattr(model, 'layer_decay_root') else (model, '')
+    names = [n for n, p in root.named_parameters() if p.requires_grad]
+    matcher = getattr(root, 'group_matcher', None)
     if matcher is None:
-        return dict.fromkeys(names, 0), 1
+        return {prefix + n: 0 for n in names}, 1
     from timm.models import group_parameters
 
-    grouped = group_parameters(model, matcher(coarse=False))
-    ids = {name: i for i, (_, group) in enumerate(sorted(grouped.items())) for name in group}
+    grouped = group_parameters(root, matcher(coarse=False))
+    ids = {prefix + name: i for i, (_, group) in enumerate(sorted(grouped.items())) for name in group}
     return ids, len(grouped)
 
 

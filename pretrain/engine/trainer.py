@@ -1,8 +1,9 @@
-"""The training loop: supervised cross-entropy (label smoothing, or soft targets under Mixup/CutMix) on DeepSpeed.
+"""The training loop on DeepSpeed, for any objective (pretrain/objectives: supervised classification or M3I).
 
 ``Trainer(cfg).train()`` runs a whole stage: resume from the newest complete checkpoint, then per optimizer step
-``lr -> micro-batches (forward, backward) -> step -> EMA -> log -> eval -> checkpoint``. Components live in their own
-files (optim, ema, checkpoint, metrics, data, dist, ds_config); this file only wires them.
+``lr -> micro-batches (objective loss, backward) -> step -> EMA, teacher -> callbacks -> log -> eval -> checkpoint``.
+Components live in their own files (optim, ema, checkpoint, metrics, data, dist, ds_config, the objective steps);
+this file only wires them.
 """
 from __future__ import annotations
 
@@ -11,16 +12,15 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pretrain.config import TrainConfig, config_to_dict
 from pretrain.engine import dist as edist
 from pretrain.engine.checkpoint import CheckpointManager, TrainState
-from pretrain.engine.data import BatchStream, build_train_loader, build_val_loader, steps_per_epoch, to_device
+from pretrain.engine.data import BatchStream, build_train_loader, build_val_loader, steps_per_epoch
 from pretrain.engine.ds_config import build_deepspeed_config
 from pretrain.engine.ema import EMA
 from pretrain.engine.metrics import MetricsLogger, peak_memory_mib
@@ -40,18 +40,32 @@ class StepResult:
     skipped: bool  # DeepSpeed discarded the update (non-finite gradient)
     micro_batches: int  # consumed, including dropped non-finite ones
     nonfinite_micro: int
+    parts: dict = field(default_factory=dict)  # the objective's loss parts, mean over the finite micro-batches
 
 
 def build_model(cfg: TrainConfig):
+    """The module DeepSpeed trains: the backbone (supervised), or the backbone inside an
+    :class:`~pretrain.objectives.M3IModel` (m3i; keys ``backbone.*``). An m3i stage without the supervised objective
+    builds the backbone without a classifier."""
     from pretrain.models import create_backbone
 
-    m = cfg.model
+    m, ob = cfg.model, cfg.objective
     kwargs = dict(m.kwargs)
     if m.drop_path_rate is not None:
         kwargs['drop_path_rate'] = m.drop_path_rate
-    return create_backbone(m.name, num_classes=m.num_classes, checkpoint_path=m.checkpoint_path,
-                           grad_checkpointing=m.grad_checkpointing, grad_checkpointing_every=m.grad_checkpointing_every,
-                           **kwargs)
+    num_classes = 0 if ob.kind == 'm3i' and ob.supervised.weight == 0 else m.num_classes
+    backbone = create_backbone(m.name, num_classes=num_classes, checkpoint_path=m.checkpoint_path,
+                               head_index=m.head_index, checkpoint_use_ema=m.checkpoint_use_ema,
+                               grad_checkpointing=m.grad_checkpointing,
+                               grad_checkpointing_every=m.grad_checkpointing_every, **kwargs)
+    if ob.kind == 'supervised':
+        return backbone
+    from pretrain.objectives import M3IModel
+
+    model = M3IModel(backbone, ob, label_smoothing=cfg.loss.label_smoothing)
+    if hasattr(backbone, 'load_report'):
+        model.load_report = backbone.load_report
+    return model
 
 
 def total_steps_of(cfg: TrainConfig, world_size: int) -> tuple[int, int | None, int]:
@@ -99,6 +113,8 @@ class Trainer:
         # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy), then per-rank streams.
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg)
+        if getattr(model, 'load_report', None) is not None:
+            self.log(f'initial weights from {cfg.model.checkpoint_path}:\n{model.load_report}')
         groups = build_param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay,
                                     dcn_lr_mul=cfg.optim.dcn_lr_mul, no_weight_decay=cfg.optim.no_weight_decay)
         self.log('parameter groups:\n' + describe_groups(groups))
@@ -113,18 +129,16 @@ class Trainer:
                                                                  config=self.ds_config, dist_init_required=False)
         self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[cfg.deepspeed.precision]
         self.ema = EMA(self.engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+        from pretrain.objectives import build_objective_step
+
+        self.objective = build_objective_step(cfg, self.engine, world_size=self.world_size, rank=self.rank,
+                                              device=self.device, dtype=self.dtype, total_steps=self.total_steps)
+        self.callbacks: list = []  # objects with after_step(trainer), called after every optimizer step
         _seed_rank_streams(cfg.run.seed, self.rank, step=0)
 
-        self.mixup = None
-        if cfg.loss.mixup_alpha > 0 or cfg.loss.cutmix_alpha > 0:
-            from data_pipelines.transforms import build_mixup
-            self.mixup = build_mixup(cfg.model.num_classes, mixup_alpha=cfg.loss.mixup_alpha,
-                                     cutmix_alpha=cfg.loss.cutmix_alpha, prob=cfg.loss.mixup_prob,
-                                     switch_prob=cfg.loss.mixup_switch_prob, label_smoothing=cfg.loss.label_smoothing)
-        self.criterion = _criterion(cfg, self.mixup is not None)
-
         self.state = TrainState()
-        self.train_loader = build_train_loader(cfg, self.rank, self.world_size) if build_data else None
+        self.train_loader = (build_train_loader(cfg, self.rank, self.world_size, tokenize=self.objective.needs_text)
+                             if build_data else None)
         self.val_loader = build_val_loader(cfg, self.rank, self.world_size) if build_data else None
         self.metrics = MetricsLogger(self.out_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                      progress=cfg.logging.progress)
@@ -133,7 +147,7 @@ class Trainer:
         self.resume_report: dict | None = None
         if self.resume_plan is not None:
             self.resume_report = self.ckpt.load(self.resume_plan, self.engine, self.state, scheduler=self.schedule,
-                                                loader=self.train_loader, ema=self.ema)
+                                                loader=self.train_loader, averages=self.averages)
             if self.resume_plan.mode != 'exact':
                 _seed_rank_streams(cfg.run.seed, self.rank, step=self.state.step)
             self.last_checkpoint = self.resume_plan.step_dir
@@ -146,25 +160,24 @@ class Trainer:
         if self.rank == 0:
             print(f'[pretrain] {msg}', flush=True)
 
-    def forward_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.engine(images)
-        return self.criterion(logits.float(), targets)
+    @property
+    def averages(self) -> dict:
+        """Every weight average the checkpoint holds: the evaluation EMA and the objective's (the MIM teacher)."""
+        return {'ema': self.ema, **self.objective.averages}
 
-    def train_step(self, next_micro_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
-        """One optimizer step: ``grad_accum_steps`` finite micro-batches from ``next_micro_batch()`` -> ``(images
-        [B,3,H,W] in the compute dtype, labels [B] long)``. A micro-batch whose loss is not finite on any rank is
-        dropped on every rank (no backward) and the next one takes its place; raises :class:`NonFiniteError` after
-        ``run.max_nonfinite_in_a_row`` in a row."""
+    def train_step(self, next_micro_batch: Callable[[], dict]) -> StepResult:
+        """One optimizer step: ``grad_accum_steps`` finite micro-batches from ``next_micro_batch()`` -> a loader batch
+        (``image`` [B,3,H,W], ``label`` [B], ``key``; ``text``, ``has_text`` for image-text objectives), costed by
+        the objective step. A micro-batch whose loss is not finite on any rank is dropped on every rank (no backward)
+        and the next one takes its place; raises :class:`NonFiniteError` after ``run.max_nonfinite_in_a_row`` in a
+        row."""
         self.schedule.step_to(self.state.step, self.engine.optimizer.param_groups)
-        losses, consumed, dropped = [], 0, 0
+        losses, parts_sum, consumed, dropped = [], {}, 0, 0
         while True:
-            images, labels = next_micro_batch()
+            batch = next_micro_batch()
             consumed += 1
-            self.state.samples_seen += images.shape[0] * self.world_size
-            targets = labels
-            if self.mixup is not None:
-                images, targets = self.mixup(images, labels)
-            loss = self.forward_loss(images, targets)
+            self.state.samples_seen += batch['image'].shape[0] * self.world_size
+            loss, parts = self.objective.loss(batch, self.state.step, consumed - 1)
             if edist.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
                 dropped += 1
                 self._count_nonfinite('loss')
@@ -173,6 +186,8 @@ class Trainer:
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.step()
             losses.append(loss.item())
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
             if boundary:
                 break
         self._sync_buffers()
@@ -185,8 +200,13 @@ class Trainer:
             self._nonfinite_in_a_row = 0
             if self.ema is not None and (self.state.step + 1) % self.cfg.ema.every_steps == 0:
                 self.ema.update()
+            self.objective.after_step(self.state.step + 1)
         self.state.step += 1
-        return StepResult(sum(losses) / len(losses) if losses else float('nan'), grad_norm, skipped, consumed, dropped)
+        for cb in self.callbacks:
+            cb.after_step(self)
+        n = max(len(losses), 1)
+        return StepResult(sum(losses) / len(losses) if losses else float('nan'), grad_norm, skipped, consumed, dropped,
+                          {k: v / n for k, v in parts_sum.items()})
 
     @torch.no_grad()
     def _sync_buffers(self) -> None:
@@ -217,14 +237,12 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         stream = BatchStream(self.train_loader, self.state)
-
-        def next_micro():
-            return to_device(stream.next_batch(), self.device, self.dtype)
+        next_micro = stream.next_batch
 
         self.log(f'training {cfg.model.name} for {self.total_steps} steps from step {self.state.step}; '
                  f'{self.world_size} ranks, global batch {self.global_batch_size}, lr peak {self.lr_peak:.3g}, '
                  f'ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}')
-        window = {'loss_sum': 0.0, 'loss_n': 0, 'samples': self.state.samples_seen, 'time': time.time()}
+        window = {'loss_sum': 0.0, 'loss_n': 0, 'parts': {}, 'samples': self.state.samples_seen, 'time': time.time()}
         eval_result: dict = {}
         self.engine.train()
         start_step = self.state.step
@@ -239,6 +257,8 @@ class Trainer:
             if math.isfinite(res.loss):
                 window['loss_sum'] += res.loss
                 window['loss_n'] += 1
+                for k, v in res.parts.items():
+                    window['parts'][k] = window['parts'].get(k, 0.0) + v
             step = self.state.step
             if step % cfg.logging.interval_steps == 0 or step == self.total_steps:
                 self._log_train(step, res, window)
@@ -262,16 +282,21 @@ class Trainer:
 
     def save(self) -> str:
         self.last_checkpoint = self.ckpt.save(self.engine, self.state, scheduler=self.schedule,
-                                              loader=self.train_loader, ema=self.ema, config=config_to_dict(self.cfg))
+                                              loader=self.train_loader, averages=self.averages,
+                                              config=config_to_dict(self.cfg))
         self.log(f'checkpoint committed: {self.last_checkpoint}')
         return self.last_checkpoint
 
     def _log_train(self, step: int, res: StepResult, window: dict) -> None:
-        sums = edist.all_reduce_sum(torch.tensor([window['loss_sum'], float(window['loss_n'])], dtype=torch.float64))
+        names = sorted(window['parts'])
+        sums = edist.all_reduce_sum(torch.tensor([window['loss_sum'], float(window['loss_n'])] +
+                                                 [window['parts'][k] for k in names], dtype=torch.float64))
         now = time.time()
         images = self.state.samples_seen - window['samples']
+        mean = (lambda i: float(sums[i] / sums[1])) if sums[1] > 0 else (lambda i: float('nan'))
+        loss_parts = {'total': mean(0), **{k: mean(2 + i) for i, k in enumerate(names)}}
         values = {
-            'loss': {'ce': float(sums[0] / sums[1]) if sums[1] > 0 else float('nan')},
+            'loss': loss_parts,
             'lr': self.schedule.lr_at(step - 1),
             'grad_norm': res.grad_norm if res.grad_norm is not None else float('nan'),
             'images_per_s': images / max(now - window['time'], 1e-9),
@@ -283,9 +308,9 @@ class Trainer:
         }
         self.metrics.log(step, values)
         self.metrics.progress(step, self.total_steps,
-                              f'loss {values["loss"]["ce"]:.4f} lr {values["lr"]:.3g} '
+                              f'loss {values["loss"]["total"]:.4f} lr {values["lr"]:.3g} '
                               f'gnorm {values["grad_norm"]:.3g} {values["images_per_s"]:.1f} img/s')
-        window.update(loss_sum=0.0, loss_n=0, samples=self.state.samples_seen, time=now)
+        window.update(loss_sum=0.0, loss_n=0, parts={}, samples=self.state.samples_seen, time=now)
 
     def _data_skips(self) -> dict[str, int]:
         mine = self.train_loader.skip_counts() if self.train_loader is not None else {}
@@ -302,53 +327,20 @@ class Trainer:
     # --------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, loader=None) -> dict:
-        """Top-1/top-5 and loss of the raw weights (and the EMA's), summed over every rank's share of the val set."""
+        """The objective's metrics (top-1/top-5, zero-shot) of the raw weights and the EMA's, summed over every
+        rank's share of the val set."""
         loader = loader if loader is not None else self.val_loader
         if loader is None:
             return {}
-        out = {'raw': self._evaluate_once(loader)}
-        if self.ema is not None:
-            with self.ema.swapped_in():
-                out['ema'] = self._evaluate_once(loader)
-        return out
-
-    def _evaluate_once(self, loader) -> dict:
         self.engine.eval()
-        k = min(5, self.cfg.model.num_classes)
-        totals = torch.zeros(4, dtype=torch.float64)  # top1, topk, loss sum, count
-        it = iter(loader)
-        size = self.cfg.data.img_size
-        dummy = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
-        while True:
-            batch = next(it, None)
-            # ZeRO-3 forwards are collective: ranks whose share ran out run a dummy batch until every rank is done.
-            if edist.all_reduce_max(0.0 if batch is None else 1.0) == 0.0:
-                break
-            if batch is None:
-                self.engine(dummy)
-                continue
-            images, labels = to_device(batch, self.device, self.dtype)
-            logits = self.engine(images).float()
-            topk = logits.topk(k, dim=1).indices
-            hit = topk == labels[:, None]
-            totals += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(),
-                                    F.cross_entropy(logits, labels, reduction='sum').item(), labels.numel()],
-                                   dtype=torch.float64)
-        totals = edist.all_reduce_sum(totals)
-        self.engine.train()
-        n = max(totals[3].item(), 1.0)
-        return {'top1': 100 * totals[0].item() / n, f'top{k}': 100 * totals[1].item() / n,
-                'loss': totals[2].item() / n, 'images': int(totals[3].item())}
-
-
-def _criterion(cfg: TrainConfig, soft_targets: bool):
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if soft_targets:
-        return SoftTargetCrossEntropy()  # Mixup already folds label smoothing into the soft targets
-    if cfg.loss.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing=cfg.loss.label_smoothing)
-    return torch.nn.CrossEntropyLoss()
+        try:
+            out = {'raw': self.objective.evaluate(loader)}
+            if self.ema is not None:
+                with self.ema.swapped_in():
+                    out['ema'] = self.objective.evaluate(loader)
+        finally:
+            self.engine.train()
+        return out
 
 
 def _seed_rank_streams(seed: int, rank: int, step: int) -> None:

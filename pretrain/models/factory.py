@@ -78,6 +78,7 @@ def create_backbone(
         pretrained: bool = False,
         checkpoint_path: str | os.PathLike | None = None,
         head_index: str | os.PathLike | Sequence[int] | None = None,
+        checkpoint_use_ema: bool = False,
         grad_checkpointing: bool = False,
         grad_checkpointing_every: int = 1,
         **kwargs,
@@ -98,7 +99,7 @@ def create_backbone(
     report: LoadReport | None = None
     if checkpoint_path is not None:
         target = model.model if isinstance(model, FeatureGetterNet) else model
-        report = load_checkpoint(target, checkpoint_path, head_index=head_index)
+        report = load_checkpoint(target, checkpoint_path, head_index=head_index, use_ema=checkpoint_use_ema)
     set_grad_checkpointing(model, grad_checkpointing, every=grad_checkpointing_every)
     if report is not None:
         model.load_report = report
