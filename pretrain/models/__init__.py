@@ -1,5 +1,6 @@
-"""Model families registered with timm on import: InternImage (``internimage_t`` ... ``internimage_g``); timm's own
-ConvNeXt V1/V2 are used as they are. Build any of them with :func:`create_backbone`."""
+"""Model families registered with timm on import: InternImage (``internimage_t`` ... ``internimage_g``), PeLK
+(``pelk_t``, ``pelk_s``, ``pelk_b``); timm's own ConvNeXt V1/V2 are used as they are. Build any of them with
+:func:`create_backbone`."""
 from pretrain.models.checkpoint import LoadReport, convert_state_dict, load_checkpoint, read_class_index
 from pretrain.models.factory import (
     checkpointable_blocks,
@@ -9,8 +10,11 @@ from pretrain.models.factory import (
 )
 from pretrain.models.internimage import MODEL_ARGS as INTERNIMAGE_ARGS
 from pretrain.models.internimage import InternImage
+from pretrain.models.pelk import MODEL_ARGS as PELK_ARGS
+from pretrain.models.pelk import PeLK
 
 __all__ = [
-    'InternImage', 'INTERNIMAGE_ARGS', 'LoadReport', 'load_checkpoint', 'convert_state_dict', 'read_class_index',
+    'InternImage', 'INTERNIMAGE_ARGS', 'PeLK', 'PELK_ARGS', 'LoadReport', 'load_checkpoint', 'convert_state_dict',
+    'read_class_index',
     'create_backbone', 'set_grad_checkpointing', 'checkpointable_blocks', 'layer_decay_param_groups',
 ]
