@@ -133,8 +133,11 @@ def plan(cfg, *, world_size: int, gpu_mem_gib: float, reserve_gib: float = 2.0, 
     from pretrain.engine.trainer import build_model
     from pretrain.models import checkpointable_blocks
 
+    import dataclasses
+
     torch.manual_seed(0)
-    model = build_model(cfg)
+    # Measured without checkpointing (the hooks see every saved tensor); the checkpointed figure is derived.
+    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, grad_checkpointing=False)))
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     largest_block = max(sum(p.numel() for p in b.parameters()) for b in checkpointable_blocks(model))
     ds = cfg.deepspeed
