@@ -23,7 +23,7 @@ import yaml
 __all__ = [
     'ConfigError', 'TrainConfig', 'ModelConfig', 'SourceConfig', 'DataConfig', 'LossConfig', 'OptimConfig',
     'ScheduleConfig', 'DeepSpeedConfig', 'EMAConfig', 'CheckpointConfig', 'LoggingConfig', 'RunConfig',
-    'ObjectiveConfig', 'ContrastiveConfig', 'SupervisedConfig', 'MIMConfig', 'ZeroShotConfig',
+    'ObjectiveConfig', 'ContrastiveConfig', 'SupervisedConfig', 'MIMConfig', 'FCMAEConfig', 'ZeroShotConfig',
     'load_config', 'config_from_dict', 'config_to_dict', 'parse_overrides',
 ]
 
@@ -161,6 +161,19 @@ class MIMConfig:
 
 
 @dataclass
+class FCMAEConfig:
+    """ConvNeXt V2's masked autoencoder: a decoder predicts the (per-patch normalised) pixels of the masked patches.
+    MIM and FCMAE share one mask per micro-batch: when both are on, their mask_ratio and mask_patch must be equal
+    (:meth:`ObjectiveConfig.mask_settings`)."""
+    weight: float = 0.0
+    mask_ratio: float = 0.6  # of the cells of the mask grid (FCMAE: 0.6)
+    mask_patch: int = 32  # the mask grid's cell size in pixels (FCMAE: 32, the stride of the last stage)
+    decoder_dim: int = 512
+    decoder_depth: int = 1  # ConvNeXt V2 blocks in the pixel decoder
+    norm_pix_loss: bool = True  # regress each patch's pixels normalised by its own mean and variance
+
+
+@dataclass
 class ZeroShotConfig:
     """Zero-shot classification of the val sources with the text tower (needs contrastive.weight > 0)."""
     enabled: bool = True
@@ -177,7 +190,16 @@ class ObjectiveConfig:
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     mim: MIMConfig = field(default_factory=MIMConfig)
+    fcmae: FCMAEConfig = field(default_factory=FCMAEConfig)
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+
+    def mask_settings(self) -> tuple[float, int] | None:
+        """``(mask_ratio, mask_patch)`` of the one mask per micro-batch that the masked objectives (mim, fcmae)
+        share -- validated equal when both are on -- or None when neither is on."""
+        for m in (self.mim, self.fcmae):
+            if m.weight > 0:
+                return m.mask_ratio, m.mask_patch
+        return None
 
 
 @dataclass
@@ -548,12 +570,13 @@ def _validate_objective(cfg: TrainConfig, fail) -> None:
     ob = cfg.objective
     if ob.kind == 'supervised':
         return
-    weights = {'supervised': ob.supervised.weight, 'contrastive': ob.contrastive.weight, 'mim': ob.mim.weight}
+    weights = {'supervised': ob.supervised.weight, 'contrastive': ob.contrastive.weight, 'mim': ob.mim.weight,
+               'fcmae': ob.fcmae.weight}
     for name, w in weights.items():
         if w < 0:
             fail(f'objective.{name}.weight', f'must be >= 0, got {w}')
     if not any(w > 0 for w in weights.values()):
-        fail('objective', 'm3i needs at least one objective with weight > 0 (supervised, contrastive, mim)')
+        fail('objective', 'm3i needs at least one objective with weight > 0 (supervised, contrastive, mim, fcmae)')
     if cfg.loss.mixup_alpha > 0 or cfg.loss.cutmix_alpha > 0:
         fail('loss.mixup_alpha', 'Mixup/CutMix belong to objective.kind=supervised; set them to 0 for m3i')
     c = ob.contrastive
@@ -564,18 +587,26 @@ def _validate_objective(cfg: TrainConfig, fail) -> None:
             fail('objective.contrastive.text_width', f'{c.text_width} is not divisible by text_heads {c.text_heads}')
         if not 0 < c.init_temperature < 1 or c.max_logit_scale <= 1:
             fail('objective.contrastive.init_temperature', 'must be in (0, 1), and max_logit_scale > 1')
-    m = ob.mim
-    if m.weight > 0:
+    for name in ('mim', 'fcmae'):  # the masked objectives
+        m = getattr(ob, name)
+        if m.weight <= 0:
+            continue
         if not 0 < m.mask_ratio < 1:
-            fail('objective.mim.mask_ratio', f'must be in (0, 1), got {m.mask_ratio}')
+            fail(f'objective.{name}.mask_ratio', f'must be in (0, 1), got {m.mask_ratio}')
         if m.mask_patch < 16 or m.mask_patch & (m.mask_patch - 1):
-            fail('objective.mim.mask_patch', f'must be a power of two >= 16, got {m.mask_patch}')
+            fail(f'objective.{name}.mask_patch', f'must be a power of two >= 16, got {m.mask_patch}')
         if cfg.data.img_size % m.mask_patch:
-            fail('objective.mim.mask_patch', f'data.img_size {cfg.data.img_size} is not a multiple of {m.mask_patch}')
-        if not 0 < m.teacher_decay <= m.teacher_decay_end <= 1:
-            fail('objective.mim.teacher_decay', 'need 0 < teacher_decay <= teacher_decay_end <= 1')
+            fail(f'objective.{name}.mask_patch',
+                 f'data.img_size {cfg.data.img_size} is not a multiple of {m.mask_patch}')
         if m.decoder_dim < 1 or m.decoder_depth < 0:
-            fail('objective.mim.decoder_dim', 'decoder_dim must be >= 1 and decoder_depth >= 0')
+            fail(f'objective.{name}.decoder_dim', 'decoder_dim must be >= 1 and decoder_depth >= 0')
+    if ob.mim.weight > 0 and not 0 < ob.mim.teacher_decay <= ob.mim.teacher_decay_end <= 1:
+        fail('objective.mim.teacher_decay', 'need 0 < teacher_decay <= teacher_decay_end <= 1')
+    if ob.mim.weight > 0 and ob.fcmae.weight > 0:  # one mask per micro-batch for both
+        for key in ('mask_ratio', 'mask_patch'):
+            if getattr(ob.mim, key) != getattr(ob.fcmae, key):
+                fail(f'objective.fcmae.{key}', f'{getattr(ob.fcmae, key)} differs from objective.mim.{key} '
+                     f'{getattr(ob.mim, key)}: MIM and FCMAE share one mask per micro-batch')
     z = ob.zero_shot
     if z.enabled and z.classnames is not None:
         if c.weight <= 0:

@@ -46,8 +46,12 @@ def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     # Bound per instance by set_grad_checkpointing; runs the class forward under non-reentrant checkpointing.
+    # A block's ``checkpoint_context_fn`` (torch's context_fn: forward and recompute context managers), when set,
+    # lets state that lives only during the forward (dense masking's GRN masks) hold in the recompute too.
     if torch.is_grad_enabled() and not torch.jit.is_scripting():
-        return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+        context_fn = self.__dict__.get('checkpoint_context_fn') or torch.utils.checkpoint.noop_context_fn
+        return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False,
+                                                 context_fn=context_fn, **kwargs)
     return type(self).forward(self, *args, **kwargs)
 
 

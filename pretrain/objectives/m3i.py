@@ -3,14 +3,17 @@
 M3I (Su et al., CVPR 2023) pretrains InternImage-H by maximising the mutual information between one input and
 several targets; no code was released (../shared/spec/objectives-and-models.md §A). What is built here, per step:
 
-- the student sees one view per image; with ``mim.weight > 0`` it is block-masked on the stride-32 grid and the
-  masked cells are re-masked at every block (:mod:`pretrain.objectives.masking`, FCMAE's dense masking);
+- the student sees one view per image; with ``mim.weight > 0`` or ``fcmae.weight > 0`` it is block-masked on the
+  stride-32 grid and the masked cells are re-masked at every block (:mod:`pretrain.objectives.masking`, FCMAE's dense
+  masking);
 - **mim**: a decoder (:class:`MaskedDecoder`) predicts, at the masked cells, the features that the teacher -- an
   EMA of the student's backbone, with the same ZeRO-3 sharding -- computes on the whole image (its
   ``forward_features`` map, LayerNorm'd without affine), mean squared error over masked positions;
 - **contrastive**: the pooled embedding (InternImage-H/G's 768-d attention-pooling head, a linear projection for the
   other models) against an open_clip text tower, InfoNCE with negatives from every rank and a learnable temperature;
-- **supervised**: the backbone's classifier on the pooled embedding, cross-entropy with label smoothing.
+- **supervised**: the backbone's classifier on the pooled embedding, cross-entropy with label smoothing;
+- **fcmae**: ConvNeXt V2's masked autoencoder (:mod:`pretrain.objectives.fcmae`): a second decoder predicts the
+  normalised pixels of each masked patch, MSE over the masked patches. MIM and FCMAE share one mask per micro-batch.
 
 A sample takes part in the objectives whose targets it carries (a caption: ``has_text``; a label: ``label >= 0``);
 an objective runs when any sample on any rank carries its target (one all-reduce per micro-batch, so that ZeRO-3's
@@ -31,9 +34,10 @@ import torch.nn.functional as F
 
 from pretrain.config import ObjectiveConfig
 from pretrain.objectives.contrastive import LogitScale, build_text_tower, contrastive_loss
+from pretrain.objectives.fcmae import fcmae_loss
 from pretrain.objectives.masking import MaskedDecoder, dense_masking, masked_mean, normalized, upsample_mask
 
-__all__ = ['M3IModel', 'feature_dim', 'pooled_dim']
+__all__ = ['M3IModel', 'feature_dim', 'feature_stride', 'pooled_dim']
 
 
 def feature_dim(backbone: nn.Module) -> int:
@@ -45,6 +49,17 @@ def feature_dim(backbone: nn.Module) -> int:
     return backbone.num_features
 
 
+def feature_stride(backbone: nn.Module) -> int:
+    """Pixels per cell of ``backbone.forward_features``'s map (FCMAE predicts one ``stride x stride`` patch per
+    cell): 16 for InternImage-H/G (their head fuses stage 3 and the upsampled stage 4), else the last stage's
+    reduction (32 for InternImage T..XL, ConvNeXt V1/V2, PeLK)."""
+    from pretrain.models.internimage import InternImage
+
+    if isinstance(backbone, InternImage) and backbone.use_clip_projector:
+        return 16
+    return int(backbone.feature_info[-1]['reduction'])
+
+
 def pooled_dim(backbone: nn.Module) -> int:
     """Width of ``forward_head(..., pre_logits=True)``."""
     return getattr(backbone, 'head_hidden_size', None) or backbone.num_features
@@ -53,13 +68,13 @@ def pooled_dim(backbone: nn.Module) -> int:
 class M3IModel(nn.Module):
     """The backbone (under ``backbone.``, so exported and next-stage weights are found by that prefix) with the
     parts the enabled objectives need: ``text`` + ``image_proj`` + ``logit_scale`` (contrastive), ``mim_decoder``
-    (mim). ``forward`` returns the loss parts and their weighted sum (``'loss'``)."""
+    (mim), ``fcmae_decoder`` (fcmae). ``forward`` returns the loss parts and their weighted sum (``'loss'``)."""
 
     def __init__(self, backbone: nn.Module, cfg: ObjectiveConfig, label_smoothing: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.weights = {'supervised': cfg.supervised.weight, 'contrastive': cfg.contrastive.weight,
-                        'mim': cfg.mim.weight}
+                        'mim': cfg.mim.weight, 'fcmae': cfg.fcmae.weight}
         self.label_smoothing = label_smoothing
         self.contrastive_cfg = cfg.contrastive
         c = cfg.contrastive
@@ -75,6 +90,11 @@ class M3IModel(nn.Module):
         if cfg.mim.weight > 0:
             fdim = feature_dim(backbone)
             self.mim_decoder = MaskedDecoder(fdim, fdim, dim=cfg.mim.decoder_dim, depth=cfg.mim.decoder_depth)
+        if cfg.fcmae.weight > 0:
+            f = cfg.fcmae
+            self.fcmae_decoder = MaskedDecoder(feature_dim(backbone), feature_stride(backbone) ** 2 * 3,
+                                               dim=f.decoder_dim, depth=f.decoder_depth)
+            self.fcmae_norm_pix = f.norm_pix_loss
 
     # -- optimizer hooks ------------------------------------------------------------------------------------------
     def layer_decay_root(self) -> tuple[nn.Module, str]:
@@ -83,8 +103,7 @@ class M3IModel(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         own = {f'backbone.{n}' for n in getattr(self.backbone, 'no_weight_decay', set)()}
-        if hasattr(self, 'mim_decoder'):
-            own.add('mim_decoder.mask_token')
+        own.update(f'{d}.mask_token' for d in ('mim_decoder', 'fcmae_decoder') if hasattr(self, d))
         return own
 
     # -- encoders -------------------------------------------------------------------------------------------------
@@ -109,7 +128,7 @@ class M3IModel(nn.Module):
                 teacher_features: torch.Tensor | None = None, counts: torch.Tensor | None = None
                 ) -> dict[str, torch.Tensor]:
         """``counts`` = ``[samples with a caption, samples with a label]`` summed over all ranks (normalises the
-        supervised loss globally). An objective runs when its inputs are given."""
+        supervised loss globally). An objective runs when its inputs are given (fcmae: ``mask``, when built)."""
         parts: dict[str, torch.Tensor] = {}
         if mask is not None:
             keep = 1.0 - upsample_mask(mask, images.shape[-2:])[:, None]
@@ -122,6 +141,8 @@ class M3IModel(nn.Module):
             target = normalized(teacher_features)
             per_position = (pred.float() - target).pow(2).mean(dim=1)
             parts['mim'] = masked_mean(per_position, upsample_mask(mask, per_position.shape[-2:]))
+        if mask is not None and hasattr(self, 'fcmae_decoder'):
+            parts['fcmae'] = fcmae_loss(self.fcmae_decoder(feats, mask), images, mask, self.fcmae_norm_pix)
         if labels is not None or text is not None:
             pooled = self.backbone.forward_head(feats, pre_logits=True)
             if labels is not None:

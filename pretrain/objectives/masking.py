@@ -8,6 +8,12 @@ the spatial operators of the next block (DCNv3 offsets, depthwise convolutions) 
 spatial op", one block at a time. Costs the dense FLOPs (no sparse kernels), works under ZeRO-3, checkpointing and
 torch.compile.
 
+ConvNeXt V2's GRN (timm's ``GlobalResponseNorm``) pools an L2 norm over all positions; under :func:`dense_masking`
+it pools it, per sample and channel, over the visible positions only (FCMAE's JAX dense simulation; MinkowskiEngine's
+sparse GRN pools over the whole batch instead), so the visible cells are computed as a sparse network computes them.
+Its input's masked positions are zeroed (a forward pre-hook like the blocks'): at the visible positions the output is
+exactly the JAX GRN's, at the masked ones it is GRN's bias (they hold nothing a visible cell reads).
+
 The decoder (:class:`MaskedDecoder`) is FCMAE's: a 1x1 projection, a learned mask token in the masked cells, ConvNeXt
 V2 blocks (timm's), and a 1x1 prediction.
 """
@@ -19,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['random_grid_mask', 'upsample_mask', 'apply_visible', 'dense_masking', 'block_layout', 'MaskedDecoder',
-           'masked_mean']
+__all__ = ['random_grid_mask', 'upsample_mask', 'apply_visible', 'dense_masking', 'visible_grn', 'block_layout',
+           'MaskedDecoder', 'masked_mean']
 
 
 def random_grid_mask(batch: int, grid: tuple[int, int], ratio: float, generator: torch.Generator | None = None,
@@ -65,23 +71,55 @@ def block_layout(model: nn.Module) -> str:
     return 'NHWC' if isinstance(model, InternImage) else 'NCHW'
 
 
-@contextlib.contextmanager
-def dense_masking(model: nn.Module, mask: torch.Tensor):
-    """Within the block, every block of ``model`` sees its input with the masked cells of ``mask`` zeroed (the
-    caller masks the image itself). Forward pre-hooks, removed on exit."""
-    from pretrain.models.factory import checkpointable_blocks
-
-    layout = block_layout(model)
-
+def _masking_hook(mask: torch.Tensor, layout: str):
+    """A forward pre-hook zeroing the masked cells of a module's first input."""
     def hook(_module, args):
         return (apply_visible(args[0], mask, layout), *args[1:])
+    return hook
 
-    handles = [blk.register_forward_pre_hook(hook) for blk in checkpointable_blocks(model)]
+
+def _grns(module: nn.Module) -> list[nn.Module]:
+    from timm.layers.grn import GlobalResponseNorm
+
+    return [m for m in module.modules() if isinstance(m, GlobalResponseNorm)]
+
+
+@contextlib.contextmanager
+def visible_grn(module: nn.Module, mask: torch.Tensor):
+    """Within the block, every GRN in ``module`` pools its statistics over the visible positions of ``mask`` only
+    (its input's masked positions zeroed, at the input's resolution and layout). Forward pre-hooks, removed on
+    exit."""
+    handles = [g.register_forward_pre_hook(_masking_hook(mask, 'NHWC' if g.channel_dim == -1 else 'NCHW'))
+               for g in _grns(module)]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def dense_masking(model: nn.Module, mask: torch.Tensor):
+    """Within the block, every block of ``model`` sees its input with the masked cells of ``mask`` zeroed (the
+    caller masks the image itself) and every GRN pools over the visible positions (:func:`visible_grn`). Forward
+    pre-hooks, removed on exit; a block that activation checkpointing recomputes in the backward, after the exit,
+    gets its GRN masks again there (``checkpoint_context_fn``, read by
+    :func:`pretrain.models.factory.set_grad_checkpointing`'s wrapper; its input was saved masked already)."""
+    from pretrain.models.factory import checkpointable_blocks
+
+    blocks = checkpointable_blocks(model)
+    handles = [blk.register_forward_pre_hook(_masking_hook(mask, block_layout(model))) for blk in blocks]
+    for blk in blocks:
+        if _grns(blk):
+            blk.checkpoint_context_fn = lambda blk=blk: (contextlib.nullcontext(), visible_grn(blk, mask))
+    try:
+        with visible_grn(model, mask):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        for blk in blocks:
+            blk.__dict__.pop('checkpoint_context_fn', None)
 
 
 def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

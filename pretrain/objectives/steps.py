@@ -108,19 +108,21 @@ class M3IStep:
         self.model = engine.module
         ob = cfg.objective
         self.use = {'supervised': ob.supervised.weight > 0 and self.model.has_classifier,
-                    'contrastive': ob.contrastive.weight > 0, 'mim': ob.mim.weight > 0}
+                    'contrastive': ob.contrastive.weight > 0, 'mim': ob.mim.weight > 0,
+                    'fcmae': ob.fcmae.weight > 0}
         self.needs_text = self.use['contrastive']
         self.teacher = EMA(self.model.backbone, ob.mim.teacher_decay) if self.use['mim'] else None
         self.averages = {'teacher': self.teacher} if self.teacher is not None else {}
         self._zero_shot_weights: torch.Tensor | None = None
 
     def _mask(self, batch_size: int, step: int, micro: int) -> torch.Tensor:
-        m = self.cfg.objective.mim
-        size = self.cfg.data.img_size // m.mask_patch
+        """The one mask of this micro-batch, shared by MIM and FCMAE."""
+        ratio, patch = self.cfg.objective.mask_settings()
+        size = self.cfg.data.img_size // patch
         # Seeded by (seed, step, micro-batch, rank): the same masks after a resume, without any RNG state.
         seed = ((self.cfg.run.seed * 1_000_003 + step) * 1009 + micro) * 10_007 + self.rank
         g = torch.Generator().manual_seed(seed % 2 ** 62)
-        return random_grid_mask(batch_size, (size, size), m.mask_ratio, g, self.device)
+        return random_grid_mask(batch_size, (size, size), ratio, g, self.device)
 
     def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch['image'].to(self.device, non_blocking=True).to(self.dtype)
@@ -133,9 +135,10 @@ class M3IStep:
             kwargs.update(text=batch['text'].to(self.device, non_blocking=True), text_valid=has_text)
         if self.use['supervised'] and counts[1] > 0:
             kwargs['labels'] = labels
+        if self.use['mim'] or self.use['fcmae']:
+            kwargs['mask'] = self._mask(images.shape[0], step, micro)
         if self.use['mim']:
-            mask = self._mask(images.shape[0], step, micro)
-            kwargs.update(mask=mask, teacher_features=self._teacher_features(images))
+            kwargs['teacher_features'] = self._teacher_features(images)
         parts = self.engine(images, **kwargs)
         return parts.pop('loss'), {k: v.detach() for k, v in parts.items()}
 
