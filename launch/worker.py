@@ -6,8 +6,8 @@ What ``python -m pretrain train CONFIG [overrides]`` does, plus what a launched 
   ``MASTER_PORT`` = ``10000 + SLURM_JOB_ID % 20000`` (two jobs sharing a node do not clash);
 - ``run.output_dir`` = ``<stage dir>/out``;
 - ``--init-from PRED_OUT``: rank 0 consolidates the newest complete checkpoint of the predecessor stage into
-  ``<stage dir>/init/<...>.pt`` (fp32, ``{'model': state_dict}``), every rank passes it as ``model.checkpoint_path``
-  (a resumed stage then loads its own checkpoint over it);
+  ``<stage dir>/init/<...>.pt`` (fp32, ``{'model': state_dict}``, through ``pretrain.export``), every rank passes it
+  as ``model.checkpoint_path`` (a resumed stage then loads its own checkpoint over it);
 - preemption: ``--requeue-signals USR2`` makes the signal save a checkpoint on every rank at the next step boundary
   and requeue the job (launch/preemption.py); the trainer is subclassed for that until the engine calls
   ``launch.preemption`` itself;
@@ -63,8 +63,11 @@ def export_rendezvous() -> None:
     os.environ.setdefault('MASTER_PORT', str(10000 + int(os.environ['SLURM_JOB_ID']) % 20000))
 
 
-def ensure_init_weights(pred_out: str | Path, dest_dir: str | Path, rank: int, timeout_s: float = 3600) -> Path:
-    """The predecessor's newest complete checkpoint as an fp32 ``{'model': state_dict}`` file under ``dest_dir``.
+def ensure_init_weights(pred_out: str | Path, dest_dir: str | Path, rank: int, timeout_s: float = 3600,
+                        weights: str = 'raw') -> Path:
+    """The predecessor's newest complete checkpoint as an fp32 ``{'model': state_dict, 'meta': ...}`` file under
+    ``dest_dir``: ``python -m pretrain export``'s consolidation and official format (the backbone with its classifier;
+    an M3I wrapper's other parts dropped). ``weights``: 'raw' (default) or 'ema' (file name ``..._ema.pt``).
 
     Rank 0 writes it once (temp file + rename); other ranks wait for it. Raises FileNotFoundError when the
     predecessor has no complete checkpoint."""
@@ -74,17 +77,15 @@ def ensure_init_weights(pred_out: str | Path, dest_dir: str | Path, rank: int, t
     if not found:
         raise FileNotFoundError(f'init_from: no complete checkpoint under {pred_out}/checkpoints')
     step, step_dir = found[-1]
-    dest = Path(dest_dir) / f'{Path(pred_out).parent.name}_step_{step:08d}.pt'
+    suffix = '' if weights == 'raw' else f'_{weights}'
+    dest = Path(dest_dir) / f'{Path(pred_out).parent.name}_step_{step:08d}{suffix}.pt'
     if rank == 0 and not dest.exists():
-        import torch
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from pretrain.export import consolidate, write
 
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        sd = get_fp32_state_dict_from_zero_checkpoint(step_dir, tag=f'global_step{step}')
-        tmp = dest.with_suffix(f'.tmp{os.getpid()}')
-        torch.save({'model': {k: v.contiguous() for k, v in sd.items()}, 'source': step_dir, 'step': step}, tmp)
-        os.replace(tmp, dest)
-        log(f'init weights: {len(sd)} tensors from {step_dir} -> {dest}')
+        sd, meta = consolidate(step_dir, weights)
+        write(sd, meta, 'official', dest)
+        log(f'init weights: {len(sd)} tensors ({weights}) from {step_dir} -> {dest}'
+            + (f'; dropped {", ".join(meta.dropped)}' if meta.dropped else ''))
     deadline = time.time() + timeout_s
     while not dest.exists():
         if time.time() > deadline:
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     import launch
     import pretrain
     from pretrain.config import ConfigError, load_config
+    from pretrain.export import ExportError
     overrides = list(args.overrides) + [f'run.output_dir={stage_dir / "out"}']
     if rank == 0:
         record_event(stage_dir, 'start', world_size=int(os.environ.get('WORLD_SIZE') or
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.init_from:
             overrides.append(f'model.checkpoint_path={ensure_init_weights(args.init_from, stage_dir / "init", rank)}')
         cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError, TimeoutError) as e:
+    except (ConfigError, ExportError, FileNotFoundError, TimeoutError) as e:
         log(f'error: {e}')
         if rank == 0:
             record_event(stage_dir, 'end', status='failed', exit_code=2, error=str(e))

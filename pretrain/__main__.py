@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pretrain.demo", "run the bundled demo on the real data in ../shared/data/real"),
     "train": ("pretrain.engine.cli", "train a stage: CONFIG.yaml [key.sub=value ...] (torchrun/Slurm aware)"),
     "plan": ("pretrain.engine.plan", "per-GPU memory of a config: CONFIG --world-size N --gpu-mem GB"),
+    "export": ("pretrain.export", "weights of a checkpoint as official / timm / safetensors / backbone files"),
 }
 
 
