@@ -68,7 +68,7 @@ def test_prune_and_grow_drops_the_smallest_and_keeps_the_count():
 # ------------------------------------------------------------------------------------------------ DeepSpeed
 def _worker(out_dir: str) -> None:
     """For each (ZeRO stage, precision): 5 steps of a tiny PeLK with prune and grow every 2 steps; rank 0 writes what
-    the checks found."""
+    the checks found. Then 3 steps without the callback under ZeRO-0 and ZeRO-3 (fp32), weights saved for parity."""
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -82,8 +82,9 @@ def _worker(out_dir: str) -> None:
     images = torch.randn(steps, world * mb, 3, 32, 32, generator=gen)
     labels = torch.randint(0, 10, (steps, world * mb), generator=gen)
     results = {}
-    for stage, precision in SETUPS:
-        cfg = config_from_dict({
+
+    def make_trainer(stage, precision, name):
+        return Trainer(config_from_dict({
             'model': TINY_PELK,
             'data': {'train': [{'name': 'unused', 'urls': 'unused.tar'}], 'img_size': 32},
             'optim': {'lr_base': 5e-3},
@@ -93,9 +94,15 @@ def _worker(out_dir: str) -> None:
             'ema': {'enabled': False},
             'checkpoint': {'resume': 'none'},
             'logging': {'tensorboard': False, 'progress': False},
-            'run': {'output_dir': os.path.join(out_dir, f'run_{stage}_{precision}'), 'seed': 0},
-        })
-        trainer = Trainer(cfg, build_data=False)
+            'run': {'output_dir': os.path.join(out_dir, name), 'seed': 0},
+        }), build_data=False)
+
+    def batch(s):
+        return {'image': images[s, rank * mb:(rank + 1) * mb], 'label': labels[s, rank * mb:(rank + 1) * mb],
+                'key': [''] * mb}
+
+    for stage, precision in SETUPS:
+        trainer = make_trainer(stage, precision, f'run_{stage}_{precision}')
         sparse = DynamicSparsity(SparsityConfig(enabled=True, sparsity=0.4, update_interval_steps=2, prune_rate=0.3),
                                  trainer)
         trainer.callbacks.append(sparse)
@@ -108,9 +115,7 @@ def _worker(out_dir: str) -> None:
 
         for s in range(steps):
             before = {n: m.clone() for n, m in sparse.masks.items()}
-            lo = rank * mb
-            res = trainer.train_step(lambda s=s, lo=lo: {'image': images[s, lo:lo + mb],
-                                                         'label': labels[s, lo:lo + mb], 'key': [''] * mb})
+            res = trainer.train_step(lambda s=s: batch(s))
             found['losses'].append(res.loss)
             fp32, module = _snapshot(params, stage, optimizer)
             for n, m in sparse.masks.items():
@@ -134,6 +139,17 @@ def _worker(out_dir: str) -> None:
         found['restored_equal'] = all(torch.equal(restored.masks[n], m) for n, m in sparse.masks.items())
         found['updates'] = restored.updates
         results[f'{stage}_{precision}'] = found
+        del trainer
+    # Without the callback: PeLK itself (one KPE shared by a stage's blocks) trains alike under ZeRO-0 and ZeRO-3.
+    for stage in (0, 3):
+        trainer = make_trainer(stage, 'fp32', f'parity_{stage}')
+        for s in range(3):
+            trainer.train_step(lambda s=s: batch(s))
+        params = dict(trainer.engine.module.named_parameters())
+        fp32, _ = _snapshot(params, stage, trainer.engine.optimizer)
+        if rank == 0:
+            torch.save({n: t.reshape(_full_shape(params[n])) for n, t in fp32.items()},
+                       Path(out_dir, f'parity_{stage}.pt'))
         del trainer
     if rank == 0:
         Path(out_dir, 'results.json').write_text(json.dumps(results, indent=1))
@@ -161,6 +177,10 @@ def _zero0_copies(optimizer, p) -> tuple[torch.Tensor, dict]:
     return master.detach().clone(), optimizer.optimizer.state[master]
 
 
+def _full_shape(p) -> tuple[int, ...]:
+    return tuple(p.ds_shape) if hasattr(p, 'ds_shape') else tuple(p.shape)
+
+
 def _branch(p, optimizer=None) -> str:
     if hasattr(p, 'ds_id'):
         return 'zero3'
@@ -174,7 +194,8 @@ def _branch(p, optimizer=None) -> str:
 def test_callback_holds_masks_in_master_and_module_weights_for_every_zero_stage(tmp_path):
     """2 ranks: after every step the masked positions are exactly zero in the fp32 master weights (read back through
     DeepSpeed) and in the module's own weights; per-layer counts never change; prune and grow runs at steps 2 and 4,
-    regrown positions have zero Adam moments; both ranks hold the same masks; the masks come back from the state."""
+    regrown positions have zero Adam moments; both ranks hold the same masks; the masks come back from the state.
+    Also: without the callback, the tiny PeLK's fp32 weights after 3 steps under ZeRO-3 equal ZeRO-0's."""
     run_procs(2, [str(Path(__file__).resolve()), str(tmp_path)], timeout=600)
     results = json.loads((tmp_path / 'results.json').read_text())
     assert set(results) == {f'{s}_{p}' for s, p in SETUPS}
@@ -190,6 +211,11 @@ def test_callback_holds_masks_in_master_and_module_weights_for_every_zero_stage(
             assert r[check] == 0, f'{key}: {check} = {r[check]}'
         assert r['restored_equal'], key
         assert all(math.isfinite(v) for v in r['losses']) and r['losses'][0] != r['losses'][-1], key
+    # PeLK under ZeRO-3 (partitioned; the KPE shared by a stage's blocks) == ZeRO-0, 3 fp32 steps on 2 ranks
+    ref, got = torch.load(tmp_path / 'parity_0.pt'), torch.load(tmp_path / 'parity_3.pt')
+    assert ref.keys() == got.keys() and 'stages.2.kpe' in ref
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=2e-5, msg=lambda m, n=n: f'{n}: {m}')
 
 
 if __name__ == '__main__':
