@@ -23,9 +23,13 @@ import yaml
 __all__ = [
     'ConfigError', 'TrainConfig', 'ModelConfig', 'SourceConfig', 'DataConfig', 'LossConfig', 'OptimConfig',
     'ScheduleConfig', 'DeepSpeedConfig', 'EMAConfig', 'CheckpointConfig', 'LoggingConfig', 'RunConfig',
-    'ObjectiveConfig', 'ContrastiveConfig', 'SupervisedConfig', 'MIMConfig', 'FCMAEConfig', 'ZeroShotConfig',
+    'SparsityConfig', 'ObjectiveConfig', 'ContrastiveConfig', 'SupervisedConfig', 'MIMConfig', 'FCMAEConfig',
+    'ZeroShotConfig',
     'load_config', 'config_from_dict', 'config_to_dict', 'parse_overrides',
 ]
+
+
+OPEN_CLIP_IMAGENET = 'open_clip:imagenet1k'  # zero_shot.classnames: open_clip's ImageNet-1K class names
 
 
 class ConfigError(ValueError):
@@ -177,7 +181,7 @@ class FCMAEConfig:
 class ZeroShotConfig:
     """Zero-shot classification of the val sources with the text tower (needs contrastive.weight > 0)."""
     enabled: bool = True
-    classnames: str | None = None  # one class name per line, in label order; None: no zero-shot eval
+    classnames: str | None = None  # file, one class name per line in label order, or 'open_clip:imagenet1k'
     templates: Literal['simple', 'openai'] = 'simple'  # open_clip's SIMPLE_/OPENAI_IMAGENET_TEMPLATES
     classes_per_batch: int = 50
 
@@ -200,6 +204,30 @@ class ObjectiveConfig:
             if m.weight > 0:
                 return m.mask_ratio, m.mask_patch
         return None
+
+
+@dataclass
+class SparsityConfig:
+    """The ``sparsity`` section (SLaK's hyper-parameters as defaults)."""
+
+    enabled: bool = False
+    sparsity: float = 0.4  # fraction of the masked weights held at zero
+    init: str = 'erk'  # per-layer densities: 'erk' (Erdos-Renyi-kernel) or 'uniform'
+    include: str = ''  # regex on parameter names to mask; '' = every 2-D and 4-D weight (SLaK's default)
+    update_interval_steps: int = 100  # prune and grow every this many optimizer steps (SLaK -u; T used 2000)
+    prune_rate: float = 0.3  # fraction of each layer's active weights replaced at the first update (SLaK T: 0.5)
+    prune_rate_min: float = 0.005  # where the cosine decay of the prune rate ends, at the last step
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f'sparsity.sparsity must be in (0, 1), got {self.sparsity}')
+        if self.init not in ('erk', 'uniform'):
+            raise ValueError(f"sparsity.init must be 'erk' or 'uniform', got {self.init!r}")
+        if self.update_interval_steps < 1:
+            raise ValueError(f'sparsity.update_interval_steps must be >= 1, got {self.update_interval_steps}')
+        if not 0.0 <= self.prune_rate_min <= self.prune_rate < 1.0:
+            raise ValueError(f'need 0 <= prune_rate_min ({self.prune_rate_min}) <= prune_rate ({self.prune_rate}) < 1')
 
 
 @dataclass
@@ -246,6 +274,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -549,6 +578,11 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
 
     if cfg.ema.enabled and not 0 < cfg.ema.decay < 1:
         fail('ema.decay', f'must be in (0, 1), got {cfg.ema.decay}')
+    if cfg.sparsity.enabled:
+        try:
+            cfg.sparsity.validate()
+        except ValueError as e:
+            raise ConfigError(f'{where}: {e}') from None
     if cfg.ema.every_steps < 1:
         fail('ema.every_steps', 'must be >= 1')
     if ck.interval_steps < 1:
@@ -611,7 +645,8 @@ def _validate_objective(cfg: TrainConfig, fail) -> None:
     if z.enabled and z.classnames is not None:
         if c.weight <= 0:
             fail('objective.zero_shot.classnames', 'zero-shot evaluation needs the text tower (contrastive.weight > 0)')
-        if not Path(z.classnames).is_file():
-            fail('objective.zero_shot.classnames', f'{z.classnames} does not exist')
+        if z.classnames != OPEN_CLIP_IMAGENET and not Path(z.classnames).is_file():
+            fail('objective.zero_shot.classnames', f'{z.classnames} does not exist (a file with one class name per '
+                 f'line, or {OPEN_CLIP_IMAGENET!r} for open_clip\'s ImageNet-1K names)')
     if z.classes_per_batch < 1:
         fail('objective.zero_shot.classes_per_batch', 'must be >= 1')

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pretrain.engine.sparsity import SparsityConfig, layer_densities, prune_and_grow, prune_rate_at
-from tests.test_engine import run_procs
+from tests.test_engine import run_procs, shards  # noqa: F401  (shards: real photos as tmp shards)
 
 # dims 14 -> 5 peripheral channels: 5 x 169 = 845 elements, which 2 ranks do not divide (ZeRO-3 padding)
 TINY_PELK = {'name': 'pelk_t', 'num_classes': 10, 'drop_path_rate': 0.0,
@@ -223,3 +223,33 @@ if __name__ == '__main__':
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sparsity_through_the_config_resumes_exactly_from_a_checkpoint(shards, tmp_path):  # noqa: F811
+    """`sparsity.enabled` in a stage config: the PeLK large kernels are masked at the configured sparsity from the
+    first step, prune-and-grow runs every step, and 2 steps + resume + 2 steps give the weights of 4 steps straight
+    (the masks travel in the checkpoint's train state)."""
+    from tests.test_engine import consolidated, stage_config
+
+    common = dict(model={**TINY_PELK, 'num_classes': 200},
+                  sparsity={'enabled': True, 'sparsity': 0.5, 'include': r'blocks\.\d+\.conv\.weight$',
+                            'update_interval_steps': 1, 'prune_rate': 0.3},
+                  schedule={'total_steps': 4, 'warmup_steps': 1}, checkpoint={'interval_steps': 2, 'keep_last': 5},
+                  loss={'mixup_alpha': 0.0, 'cutmix_alpha': 0.0}, data={'val': []})
+    straight = stage_config(tmp_path / 'a.yaml', shards, tmp_path / 'a', **common)
+    run_procs(1, ['-m', 'pretrain', 'train', str(straight)])
+    split = stage_config(tmp_path / 'b.yaml', shards, tmp_path / 'b', **common)
+    run_procs(1, ['-m', 'pretrain', 'train', str(split), 'run.stop_after_steps=2'])
+    out = run_procs(1, ['-m', 'pretrain', 'train', str(split)])
+    assert '(exact)' in out
+    a = consolidated(str(tmp_path / 'a' / 'checkpoints' / 'step_00000004'), 4)
+    b = consolidated(str(tmp_path / 'b' / 'checkpoints' / 'step_00000004'), 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    trainer = torch.load(tmp_path / 'a' / 'checkpoints' / 'step_00000004' / 'trainer.pt', weights_only=False)
+    masks = trainer['train_state']['extra']['sparsity']['masks']
+    assert masks and all(k.endswith('.conv.weight') and '.blocks.' in k for k in masks)
+    assert sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()) == \
+        pytest.approx(0.5, abs=0.02)
+    for k, m in masks.items():  # every masked-off weight is zero (regrown ones may be zero too: they restart at 0)
+        assert (a[k][~m.bool()] == 0).all(), k

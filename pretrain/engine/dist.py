@@ -73,7 +73,17 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         port = int(env['MASTER_PORT']) if 'MASTER_PORT' in env else 10000 + int(env.get('SLURM_JOB_ID', 0)) % 20000
         return DistEnv(int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env.get('SLURM_LOCALID', 0)),
                        env.get('MASTER_ADDR') or expand_nodelist(nodelist)[0], port, 'slurm')
-    return DistEnv(0, 1, 0, env.get('MASTER_ADDR', '127.0.0.1'), int(env.get('MASTER_PORT', 29500)), 'single')
+    # One process: a free port unless one was given, so that several single-process runs can share a machine.
+    port = int(env['MASTER_PORT']) if 'MASTER_PORT' in env else _free_port()
+    return DistEnv(0, 1, 0, env.get('MASTER_ADDR', '127.0.0.1'), port, 'single')
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(env: DistEnv | None = None, timeout_min: float = 30.0) -> DistEnv:

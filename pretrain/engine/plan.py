@@ -130,10 +130,10 @@ def activation_bytes_per_sample(model: torch.nn.Module, img_size: int, *, measur
 
 def plan(cfg, *, world_size: int, gpu_mem_gib: float, reserve_gib: float = 2.0, measure_size: int = 64) -> dict:
     """The memory plan of ``cfg`` at ``world_size`` ranks on GPUs with ``gpu_mem_gib``: a dict (bytes and GiB)."""
+    import dataclasses
+
     from pretrain.engine.trainer import build_model
     from pretrain.models import checkpointable_blocks
-
-    import dataclasses
 
     torch.manual_seed(0)
     # Measured without checkpointing (the hooks see every saved tensor); the checkpointed figure is derived.

@@ -35,38 +35,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import torch
+
+from pretrain.config import SparsityConfig
 
 __all__ = ['SparsityConfig', 'DynamicSparsity', 'layer_densities', 'prune_and_grow', 'prune_rate_at']
 
 EXTRA_KEY = 'sparsity'
 _ADAM_STATES = ('exp_avg', 'exp_avg_sq')
-
-
-@dataclass
-class SparsityConfig:
-    """The ``sparsity`` section (SLaK's hyper-parameters as defaults)."""
-
-    enabled: bool = False
-    sparsity: float = 0.4  # fraction of the masked weights held at zero
-    init: str = 'erk'  # per-layer densities: 'erk' (Erdos-Renyi-kernel) or 'uniform'
-    include: str = ''  # regex on parameter names to mask; '' = every 2-D and 4-D weight (SLaK's default)
-    update_interval_steps: int = 100  # prune and grow every this many optimizer steps (SLaK -u; T used 2000)
-    prune_rate: float = 0.3  # fraction of each layer's active weights replaced at the first update (SLaK T: 0.5)
-    prune_rate_min: float = 0.005  # where the cosine decay of the prune rate ends, at the last step
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0.0 < self.sparsity < 1.0:
-            raise ValueError(f'sparsity.sparsity must be in (0, 1), got {self.sparsity}')
-        if self.init not in ('erk', 'uniform'):
-            raise ValueError(f"sparsity.init must be 'erk' or 'uniform', got {self.init!r}")
-        if self.update_interval_steps < 1:
-            raise ValueError(f'sparsity.update_interval_steps must be >= 1, got {self.update_interval_steps}')
-        if not 0.0 <= self.prune_rate_min <= self.prune_rate < 1.0:
-            raise ValueError(f'need 0 <= prune_rate_min ({self.prune_rate_min}) <= prune_rate ({self.prune_rate}) < 1')
 
 
 def layer_densities(shapes: dict[str, tuple[int, ...]], density: float, init: str = 'erk') -> dict[str, float]:

@@ -125,6 +125,8 @@ class Trainer:
             load_universal=self.resume_plan is not None and self.resume_plan.mode == 'universal')
         import deepspeed
 
+        if cfg.deepspeed.precision == 'fp16' and not torch.cuda.is_available():
+            raise ValueError('deepspeed.precision: fp16 needs a GPU (DeepSpeed\'s CPU accelerator runs bf16 and fp32)')
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                                                  config=self.ds_config, dist_init_required=False)
         self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[cfg.deepspeed.precision]
@@ -154,6 +156,9 @@ class Trainer:
             self.log(f'resumed from {self.resume_plan.step_dir} at step {self.state.step} '
                      f'({self.resume_plan.mode}); not restored: {self.resume_report["not_restored"] or "nothing"}')
             self.metrics.log(self.state.step, {'resume': self.resume_report}, prefix='event')
+        if cfg.sparsity.enabled:  # after the resume: restores its masks from the train state, or draws new ones
+            from pretrain.engine.sparsity import DynamicSparsity
+            self.callbacks.append(DynamicSparsity(cfg.sparsity, self))
 
     # --------------------------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:

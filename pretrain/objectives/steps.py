@@ -201,6 +201,12 @@ class M3IStep:
 
 
 def read_classnames(path: str) -> list[str]:
+    """Class names in label order: a file with one per line, or open_clip's ImageNet-1K list."""
+    from pretrain.config import OPEN_CLIP_IMAGENET
+
+    if path == OPEN_CLIP_IMAGENET:
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+        return list(IMAGENET_CLASSNAMES)
     names = [line.strip() for line in Path(path).read_text().splitlines()]
     if not names or any(not n for n in names):
         raise ValueError(f'{path}: expected one non-empty class name per line')
