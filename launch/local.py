@@ -13,8 +13,8 @@ import socket
 import subprocess
 import time
 
-from launch.preemption import REQUEUE_EXIT_CODE
 from launch.run import Run
+from pretrain.engine.preemption import REQUEUE_EXIT_CODE
 
 __all__ = ['run_local', 'free_port']
 

@@ -9,8 +9,7 @@ What ``python -m pretrain train CONFIG [overrides]`` does, plus what a launched 
   ``<stage dir>/init/<...>.pt`` (fp32, ``{'model': state_dict}``, through ``pretrain.export``), every rank passes it
   as ``model.checkpoint_path`` (a resumed stage then loads its own checkpoint over it);
 - preemption: ``--requeue-signals USR2`` makes the signal save a checkpoint on every rank at the next step boundary
-  and requeue the job (launch/preemption.py); the trainer is subclassed for that until the engine calls
-  ``launch.preemption`` itself;
+  (the trainer checks ``pretrain.engine.preemption``) and requeue the job;
 - rank 0 appends start/end events to ``<stage dir>/events.jsonl`` (what ``python -m launch status`` reads when Slurm
   has forgotten the job).
 
@@ -28,7 +27,7 @@ import time
 import traceback
 from pathlib import Path
 
-from launch import preemption
+from pretrain.engine import preemption
 
 __all__ = ['main', 'StageTask', 'record_event', 'ensure_init_weights', 'export_rendezvous']
 
@@ -94,22 +93,6 @@ def ensure_init_weights(pred_out: str | Path, dest_dir: str | Path, rank: int, t
     return dest
 
 
-def _trainer_class():
-    from pretrain.engine.trainer import Trainer
-
-    class PreemptibleTrainer(Trainer):
-        """The engine's Trainer plus a step-boundary check of the agreed preemption flag (save, then raise)."""
-
-        def train_step(self, next_micro_batch):
-            result = super().train_step(next_micro_batch)
-            if preemption.agreed():
-                self.save()
-                raise preemption.Preempted(self.state.step, self.last_checkpoint, preemption.signal_name())
-            return result
-
-    return PreemptibleTrainer
-
-
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog='python -m launch.worker', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.engine.trainer import NonFiniteError
 
     try:
-        trainer = _trainer_class()(cfg)
+        from pretrain.engine.trainer import Trainer
+
+        trainer = Trainer(cfg)
         summary = trainer.train()
     except preemption.Preempted as e:
         log(str(e))
@@ -184,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
 class StageTask:
     """What Submitit runs in every task of a stage's job: ``main(argv)`` in-process.
 
-    Not checkpointable on purpose: the worker replaces Submitit's USR2 handler with launch.preemption (a collective
-    save needs every rank, Submitit's handler runs on rank 0 only), and a requeued job re-runs this same pickle,
-    which resumes from the newest complete checkpoint by itself (no stale resume path baked into the pickle)."""
+    Not checkpointable on purpose: the worker replaces Submitit's USR2 handler with pretrain.engine.preemption (a
+    collective save needs every rank, Submitit's handler runs on rank 0 only), and a requeued job re-runs this same
+    pickle, which resumes from the newest complete checkpoint by itself (no stale resume path baked into the
+    pickle)."""
 
     def __init__(self, argv: list[str], code_dir: str):
         self.argv, self.code_dir = list(argv), code_dir

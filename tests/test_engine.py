@@ -527,6 +527,40 @@ def test_optimizer_and_parameter_offload_train_and_resume(shards, tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a), 'the offloaded optimizer did not update the weights'
 
 
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_requeue_signal_saves_on_every_rank_and_the_rerun_resumes(shards, tmp_path):
+    """`python -m pretrain train` on 2 ranks: USR2 to one rank makes both save at the same step boundary and exit
+    with 75 (outside Slurm nothing is requeued); running the same command again resumes there and completes."""
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, tmp_path / 'run', data={'val': []},
+                       schedule={'total_steps': 60, 'warmup_steps': 1}, checkpoint={'interval_steps': 1000},
+                       loss={'mixup_alpha': 0.0, 'cutmix_alpha': 0.0}, ema={'enabled': False})
+    proc = subprocess.Popen(_torchrun(2, ['-m', 'pretrain', 'train', str(cfg)]), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = tmp_path / 'run' / 'metrics.jsonl'
+    try:
+        deadline = time.time() + 300
+        while not (metrics.exists() and sum(1 for _ in metrics.open()) >= 3):
+            assert time.time() < deadline and proc.poll() is None, 'the run did not reach step 3'
+            time.sleep(0.2)
+        workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers  # torchrun's two rank processes
+        os.kill(int(workers[-1]), signal.SIGUSR2)  # one rank only
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and 'preempted at step' in out, out[-3000:]
+    committed = [p for p in (tmp_path / 'run' / 'checkpoints').iterdir() if (p / 'COMPLETE').is_file()]
+    assert len(committed) == 1
+    saved_at = int(committed[0].name.split('_')[1])
+    assert 3 <= saved_at < 60
+    again = run_procs(2, ['-m', 'pretrain', 'train', str(cfg)], timeout=600)
+    assert f'resumed from {committed[0]} at step {saved_at} (exact)' in again
+    assert json.loads((tmp_path / 'run' / 'summary.json').read_text())['step'] == 60
+
+
 if __name__ == '__main__':
     if sys.argv[1] == 'parity':
         _parity_worker(sys.argv[2], [int(s) for s in sys.argv[3].split(',')], sys.argv[4], float(sys.argv[5]))

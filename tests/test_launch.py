@@ -127,7 +127,7 @@ def test_sbatch_script_text(tmp_path):
 _AGREE = textwrap.dedent('''
     import os, signal, sys, time
     import torch.distributed as dist
-    from launch import preemption
+    from pretrain.engine import preemption
     rank = int(sys.argv[1])
     dist.init_process_group('gloo', init_method='file://' + sys.argv[2], rank=rank, world_size=2)
     preemption.install(['USR2'])

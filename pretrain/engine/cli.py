@@ -1,7 +1,9 @@
 """``python -m pretrain train CONFIG [key.sub=value ...]``: one training stage from a YAML config.
 
 Launch one process per rank (``torchrun --nproc_per_node N -m pretrain train ...`` or ``srun python -m pretrain
-train ...``); the config is validated before any process group, model or data is touched.
+train ...``); the config is validated before any process group, model or data is touched. A requeue signal
+(``--requeue-signals``, USR2 by default) saves a checkpoint on every rank at the next step boundary and requeues the
+Slurm job (exit status 75); the requeued job resumes from that checkpoint.
 """
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('config', help='YAML file (configs/stage/*.yaml)')
     parser.add_argument('overrides', nargs='*', help='key.sub=value (YAML values), applied after the file')
     parser.add_argument('--print-config', action='store_true', help='print the resolved config as JSON and exit')
+    parser.add_argument('--requeue-signals', default='USR2',
+                        help="comma-separated signals that save a checkpoint at the next step and requeue the Slurm "
+                             "job ('' = none; sbatch --signal=USR2@120 sends one before the time limit)")
+    parser.add_argument('--max-requeues', type=int, default=100, help='requeue at most this many times (Slurm)')
     args = parser.parse_intermixed_args(argv)
     cfg = load_config_or_report(args.config, args.overrides)
     if cfg is None:
@@ -27,14 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(config_to_dict(cfg), indent=1))
         return 0
+    from pretrain.engine import preemption
     from pretrain.engine.trainer import NonFiniteError, Trainer
 
+    preemption.install([s for s in args.requeue_signals.split(',') if s])
     trainer = Trainer(cfg)
     try:
         trainer.train()
     except NonFiniteError as e:
         print(f'error: {e}', file=sys.stderr)
         return 3
+    except preemption.Preempted as e:
+        print(f'[pretrain] {e}', flush=True)
+        preemption.requeue_and_exit(trainer.rank, args.max_requeues)
     return 0
 
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from pretrain.config import TrainConfig, config_to_dict
 from pretrain.engine import dist as edist
+from pretrain.engine import preemption
 from pretrain.engine.checkpoint import CheckpointManager, TrainState
 from pretrain.engine.data import BatchStream, build_train_loader, build_val_loader, steps_per_epoch
 from pretrain.engine.ds_config import build_deepspeed_config
@@ -259,6 +260,10 @@ class Trainer:
                 return {'step': self.state.step, 'samples_seen': self.state.samples_seen, 'stopped_early': True,
                         'last_checkpoint': self.last_checkpoint}
             res = self.train_step(next_micro)
+            if preemption.installed() and preemption.agreed():  # a requeue signal reached some rank: all save
+                self.save()
+                self.metrics.close()
+                raise preemption.Preempted(self.state.step, self.last_checkpoint, preemption.signal_name())
             if math.isfinite(res.loss):
                 window['loss_sum'] += res.loss
                 window['loss_n'] += 1

@@ -4,13 +4,14 @@ Slurm sends ``SIGUSR2`` ``signal_delay_s`` before the time limit (``--signal=USR
 ``SlurmctldParameters=preempt_send_user_signal``) or on ``scancel --signal=USR2 JOB``. A collective (ZeRO-sharded)
 save cannot run inside a signal handler, and the signal may reach the ranks at different steps, so:
 
-1. ``install(['USR2'])`` once per rank, before training: the handler only sets a process-local flag.
-2. At every optimizer-step boundary every rank calls ``agreed()``: an all-reduce (MAX) of the flag, so either all
-   ranks see ``True`` at the same step or none does.
-3. On ``True``: every rank saves the checkpoint (the trainer's normal collective save), then
-   ``requeue_and_exit(...)``: a barrier, rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` (unless the requeue limit is
-   reached), a second barrier, and every rank exits with :data:`REQUEUE_EXIT_CODE`. The requeued job resumes from
-   the newest complete checkpoint by itself.
+1. ``install(['USR2'])`` once per rank, before training: the handler only sets a process-local flag
+   (``python -m pretrain train`` and the launch worker do it).
+2. At every optimizer-step boundary the trainer calls ``agreed()`` on every rank (when handlers are installed): an
+   all-reduce (MAX) of the flag, so either all ranks see ``True`` at the same step or none does.
+3. On ``True``: every rank saves the checkpoint (the trainer's normal collective save) and the trainer raises
+   :class:`Preempted`; the command line catches it and calls ``requeue_and_exit(...)``: a barrier, rank 0
+   runs ``scontrol requeue $SLURM_JOB_ID`` (unless the requeue limit is reached), a second barrier, and every rank
+   exits with :data:`REQUEUE_EXIT_CODE`. The requeued job resumes from the newest complete checkpoint by itself.
 
 ``requested()`` reads the local flag without communicating (for logging, or for loops without a process group).
 """
@@ -22,12 +23,12 @@ import subprocess
 import sys
 import time
 
-__all__ = ['install', 'requested', 'agreed', 'reset', 'requeue_and_exit', 'Preempted', 'REQUEUE_EXIT_CODE',
+__all__ = ['install', 'installed', 'requested', 'agreed', 'reset', 'requeue_and_exit', 'Preempted', 'REQUEUE_EXIT_CODE',
            'restart_count']
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, run me again" (the local runner restarts on it)
 
-_flag = {'signal': None, 'time': None}
+_flag = {'signal': None, 'time': None, 'installed': False}
 
 
 class Preempted(Exception):
@@ -49,6 +50,12 @@ def install(signals: list[str] | tuple[str, ...] = ('USR2',)) -> None:
     """Make each of ``signals`` (names without SIG) set the preemption flag in this process."""
     for name in signals:
         signal.signal(getattr(signal, f'SIG{name}'), _handler)
+    _flag['installed'] = _flag['installed'] or bool(signals)
+
+
+def installed() -> bool:
+    """True once ``install`` set a handler in this process (the trainer then checks the flag every step)."""
+    return _flag['installed']
 
 
 def requested() -> bool:

@@ -1,0 +1,68 @@
+"""`make demo` end to end: the demo cascade on the real data (2 CPU ranks per stage), then the export.
+
+Checks that each stage started from its predecessor's final weights (the init file equals the predecessor's
+consolidated checkpoint, and the stage's load report names it) and that every exported file loads."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_demo_cascade_chains_stages_and_exports_loadable_weights(real_data):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, '-m', 'pretrain', 'demo', '--data', str(real_data)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    out = res.stdout
+    run = Path(re.search(r'run folder (\S+)', out).group(1))
+    assert 'classifies the 200 photos with top-1' in out
+
+    from pretrain.export import consolidate
+
+    stages = ['pretrain', 'finetune_22k', 'finetune_1k']
+    for prev, stage in zip(stages, stages[1:]):
+        init, = (run / 'stages' / stage / 'init').glob(f'{prev}_step_*.pt')
+        prev_final, _ = consolidate(run / 'stages' / prev / 'out')  # its newest complete checkpoint, raw weights
+        loaded = torch.load(init, weights_only=True)['model']
+        assert loaded.keys() == prev_final.keys() and all(torch.equal(loaded[k], prev_final[k]) for k in loaded)
+        log = (run / 'stages' / stage / 'logs' / 'local_0.out').read_text()
+        assert f'initial weights from {init}' in log
+    # The M3I stage trained the backbone, the text tower and the MIM decoder; only the backbone travels on.
+    pre_keys = set(torch.load(next((run / 'stages' / 'finetune_22k' / 'init').glob('*.pt')),
+                              weights_only=True)['model'])
+    assert pre_keys and not any(k.startswith(('text.', 'mim_decoder.', 'backbone.')) for k in pre_keys)
+
+    import safetensors
+    import timm
+
+    from pretrain.models import create_backbone
+    from pretrain.models.checkpoint import load_checkpoint
+
+    export = run / 'export'
+    kwargs = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
+    x = torch.randn(2, 3, 96, 96)
+    official = create_backbone('internimage_t', num_classes=1000, **kwargs).eval()
+    assert load_checkpoint(official, next(export.glob('*_ema.pth')), strict=True).ok
+    timm_model = timm.create_model(f'local-dir:{next(export.glob("*_timm"))}', pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(x), official(x), rtol=0, atol=0)
+    st = next(export.glob('*.safetensors'))
+    with safetensors.safe_open(str(st), 'pt') as f:
+        assert f.metadata()['weights'] == 'ema' and f.metadata()['stage'] == 'finetune_1k'
+    backbone = create_backbone('internimage_t', features_only=True, **kwargs,
+                               checkpoint_path=next(export.glob('*_backbone.pth'))).eval()
+    assert backbone.load_report.ok, backbone.load_report
+    with torch.no_grad():
+        feats = backbone(x)
+        ref = official.forward_intermediates(x, intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(feats, ref))
