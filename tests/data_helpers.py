@@ -108,3 +108,17 @@ def bad_samples(good_jpeg: bytes) -> list[tuple[str, dict[str, bytes], str]]:
         ("bad_caption_latin1", {"jpg": good_jpeg, "txt": "caf\xe9 cr\xe8me".encode("latin-1")}, "caption_not_utf8"),
         ("bad_bomb", {"png": bomb, "txt": b"too many pixels"}, "too_many_pixels"),
     ]
+
+
+def write_photo_shards(real_data, out, *, count: int = 32, per_shard: int = 8, max_side_px: int = 64,
+                       prefix: str = "in1k") -> str:
+    """The first ``count`` real ImageNet photos (shrunk to ``max_side_px``) as shards of ``per_shard`` under ``out``,
+    labels from the sorted class ids; returns the brace pattern of the shards."""
+    from data_pipelines.writers import WriteOptions, list_imagefolder, write_shards
+
+    samples, class_map = list_imagefolder(str(real_data / "imagenet-1k-samples"), label_from="filename-prefix")
+    write_shards(samples[:count], str(out), WriteOptions(samples_per_shard=per_shard, resize_max_side_px=max_side_px,
+                                                         progress=False, prefix=prefix),
+                 kind="imagefolder", input_desc="test", class_map=class_map)
+    last = (count + per_shard - 1) // per_shard - 1
+    return str(out / f"{prefix}-{{000000..{last:06d}}}.tar")

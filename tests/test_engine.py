@@ -184,13 +184,8 @@ def run_procs(nproc: int, args: list[str], timeout: float = 300, extra_env: dict
 @pytest.fixture(scope='module')
 def shards(real_data, tmp_path_factory) -> str:
     """32 real ImageNet photos (shrunk to 64 px) in 4 shards of 8, labels 0..199 from the sorted class ids."""
-    from data_pipelines.writers import WriteOptions, list_imagefolder, write_shards
-    out = tmp_path_factory.mktemp('shards')
-    samples, class_map = list_imagefolder(str(real_data / 'imagenet-1k-samples'), label_from='filename-prefix')
-    write_shards(samples[:32], str(out), WriteOptions(samples_per_shard=8, resize_max_side_px=64, progress=False,
-                                                       prefix='in1k'), kind='imagefolder', input_desc='test',
-                 class_map=class_map)
-    return str(out / 'in1k-{000000..000003}.tar')
+    from tests.data_helpers import write_photo_shards
+    return write_photo_shards(real_data, tmp_path_factory.mktemp('shards'))
 
 
 def stage_config(path: Path, urls: str, output_dir: Path, **sections) -> Path:

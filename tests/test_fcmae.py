@@ -321,13 +321,8 @@ def test_fcmae_config_errors_name_the_key():
 
 @pytest.fixture(scope='module')
 def photo_shards(real_data, tmp_path_factory) -> str:
-    from data_pipelines.writers import WriteOptions, list_imagefolder, write_shards
-    out = tmp_path_factory.mktemp('photos')
-    samples, class_map = list_imagefolder(str(real_data / 'imagenet-1k-samples'), label_from='filename-prefix')
-    write_shards(samples[:32], str(out), WriteOptions(samples_per_shard=8, resize_max_side_px=96, progress=False,
-                                                       prefix='photos'), kind='imagefolder', input_desc='test',
-                 class_map=class_map)
-    return str(out / 'photos-{000000..000003}.tar')
+    from tests.data_helpers import write_photo_shards
+    return write_photo_shards(real_data, tmp_path_factory.mktemp('photos'), max_side_px=96, prefix='photos')
 
 
 @pytest.mark.slow

@@ -16,13 +16,7 @@ CLIP = dict(dw_kernel_size=5, post_norm=True, level2_post_norm=True, level2_post
             center_feature_scale=True, use_clip_projector=True)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster than two competing with other processes on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _model(seed: int, **kwargs) -> InternImage:

@@ -45,13 +45,7 @@ VARIANTS = {  # the norm-placement / head variants of the official sizes, at tin
 }
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster than two competing with other processes on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _spec_keys(suffix: str) -> list[tuple[str, tuple[int, ...]]]:

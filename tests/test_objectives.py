@@ -252,13 +252,8 @@ def test_m3i_config_errors_name_the_key(tmp_path):
 
 @pytest.fixture(scope='module')
 def labelled_shards(real_data, tmp_path_factory) -> str:
-    from data_pipelines.writers import WriteOptions, list_imagefolder, write_shards
-    out = tmp_path_factory.mktemp('in1k')
-    samples, class_map = list_imagefolder(str(real_data / 'imagenet-1k-samples'), label_from='filename-prefix')
-    write_shards(samples[:32], str(out), WriteOptions(samples_per_shard=8, resize_max_side_px=64, progress=False,
-                                                       prefix='in1k'), kind='imagefolder', input_desc='test',
-                 class_map=class_map)
-    return str(out / 'in1k-{000000..000003}.tar')
+    from tests.data_helpers import write_photo_shards
+    return write_photo_shards(real_data, tmp_path_factory.mktemp('in1k'))
 
 
 def m3i_config(path: Path, out: Path, real_data: Path, labelled: str, **over) -> Path:

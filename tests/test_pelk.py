@@ -24,13 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_classes=10)  # pelk_t's kernels 51/49/47/13
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster than two competing with other processes on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _tiny(**kwargs) -> PeLK:
