@@ -282,3 +282,26 @@ def test_identical_sources_elsewhere_reuse_the_build(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == built.__file__
+
+
+def test_conv2d_copies_misaligned_weights_and_keeps_gradients():
+    """The aligned Conv2d (ZeRO-3 packs gathered parameters into one flat buffer): a weight that starts at an odd
+    address is copied for the call; output and gradients are those of nn.Conv2d."""
+    from pretrain.ops.modules import ALIGN_BYTES, Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(8, 8, kernel_size=3, padding=1, groups=8)
+    ref = torch.nn.Conv2d(8, 8, kernel_size=3, padding=1, groups=8)
+    ref.load_state_dict(conv.state_dict())
+    assert list(conv.state_dict()) == ['weight', 'bias']
+    flat = torch.zeros(1 + conv.weight.numel() + 8, requires_grad=False)
+    flat[1:1 + conv.weight.numel()] = conv.weight.detach().flatten()
+    flat = flat.requires_grad_(True)
+    misaligned = flat[1:1 + conv.weight.numel()].view_as(conv.weight)  # 4 bytes past an aligned start
+    assert misaligned.data_ptr() % ALIGN_BYTES != 0
+    x = torch.randn(2, 8, 6, 6)
+    out = conv._conv_forward(x, misaligned, conv.bias)
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    out.sum().backward()
+    ref(x).sum().backward()
+    torch.testing.assert_close(flat.grad[1:1 + conv.weight.numel()].view_as(ref.weight), ref.weight.grad)

@@ -63,6 +63,28 @@ def build_act_layer(act_layer: str) -> nn.Module:
     raise NotImplementedError(f"act_layer must be 'ReLU', 'SiLU' or 'GELU', got {act_layer!r}")
 
 
+ALIGN_BYTES = 16
+
+
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself, or a copy (autograd flows back through it) when its data is not ``ALIGN_BYTES``-aligned."""
+    if t is None or t.data_ptr() % ALIGN_BYTES == 0:
+        return t
+    return t.clone()
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state_dict keys) that hands the kernel 16-byte-aligned weights.
+
+    Under ZeRO-3 a gathered parameter is a view into one flat buffer, so a tensor whose predecessors have odd sizes
+    starts at an address cuDNN's vectorised kernels cannot read ("misaligned address" / "unable to find an engine";
+    the same packing broke TransformerEngine's LayerNorm, NVIDIA/TransformerEngine#490). A misaligned weight or bias
+    is copied for the call; aligned ones (every other case) pass through untouched. Not yet confirmed on a GPU."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(input, _aligned(weight), _aligned(bias))
+
+
 class CenterFeatureScaleModule(nn.Module):
     """sigmoid(linear(query)): per-group weights mixing the DCN output with the input projection (no parameters)."""
 
@@ -112,7 +134,7 @@ class DCNv3(nn.Module):
         points = kernel_size * kernel_size - self.remove_center
 
         self.dw_conv = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size=dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2,
+            Conv2d(channels, channels, kernel_size=dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2,
                       groups=channels),
             build_norm_layer(channels, norm_layer, "channels_first", "channels_last"),
             build_act_layer(act_layer),
