@@ -137,3 +137,12 @@ def test_cli_rejects_bad_config_before_work(tmp_path):
                          cwd=REPO, timeout=120)
     assert res.returncode == 2
     assert 'deepspeed.zero_stage' in res.stderr and str(path) in res.stderr
+
+
+def test_every_shipped_stage_config_loads():
+    """Each configs/stage/*.yaml passes the schema and its cross-field checks as shipped."""
+    stages = sorted((REPO / 'configs' / 'stage').glob('*.yaml'))
+    assert len(stages) >= 8
+    for path in stages:
+        cfg = load_config(path)
+        assert cfg.data.train, path
