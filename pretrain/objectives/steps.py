@@ -113,7 +113,6 @@ class M3IStep:
         self.needs_text = self.use['contrastive']
         self.teacher = EMA(self.model.backbone, ob.mim.teacher_decay) if self.use['mim'] else None
         self.averages = {'teacher': self.teacher} if self.teacher is not None else {}
-        self._zero_shot_weights: torch.Tensor | None = None
 
     def _mask(self, batch_size: int, step: int, micro: int) -> torch.Tensor:
         """The one mask of this micro-batch, shared by MIM and FCMAE."""
