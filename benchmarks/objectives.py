@@ -5,7 +5,7 @@ objective setup the median time of full optimizer steps (forward, backward, step
 warm-up steps, and the ratio to the supervised step. The MIM setup includes the teacher's forward (EMA swapped into
 the student's parameters and back), the dense masking hooks and the decoder.
 
-    python benchmarks/objectives.py                       # InternImage-T at 112 px, batch 8, CPU
+    python benchmarks/objectives.py                       # InternImage-T at 128 px, batch 8, CPU
     python benchmarks/objectives.py --img-size 224 --batch 32 --precision bf16    # on a GPU
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def measure(name: str, objective: dict, args, out_dir: str) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='internimage_t')
-    p.add_argument('--img-size', type=int, default=112)
+    p.add_argument('--img-size', type=int, default=128)
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'])
     p.add_argument('--steps', type=int, default=5)
