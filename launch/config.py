@@ -10,7 +10,8 @@ A stage file (``configs/launch/*.yaml``)::
 
 A cascade file (``configs/cascade/*.yaml``) has ``name``, ``runs_root``, ``resources`` (defaults for every stage)
 and ``stages``: a list of stage entries (``name``, ``train_config``, ``overrides``, ``resources`` merged key by key
-over the defaults, ``init_from``: an earlier stage's name, by default the previous stage, ``null`` for none).
+over the defaults, ``init_from``: an earlier stage's name, by default the previous stage, ``null`` for none;
+``init_weights``: ``raw`` (default) or ``ema``, which of its final weights; ``ema`` needs that stage's EMA on).
 
 Relative paths are relative to the current directory (the repository root, where the commands are run). Every error
 is a :class:`LaunchConfigError` naming the file and the dotted key, raised before anything is submitted; the training
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pretrain.config import ConfigError, build_dataclass, read_yaml
 
@@ -79,6 +80,7 @@ class StageSpec:
     runs_root: str = 'runs/launch'
     resources: Resources = field(default_factory=Resources)
     init_from: str | None = None  # cascade only: the stage whose final weights initialise this one
+    init_weights: Literal['raw', 'ema'] = 'raw'  # cascade only: which of init_from's final weights
 
 
 @dataclass
@@ -149,6 +151,8 @@ def _check_stage(st: StageSpec, where: str, prefix: str, earlier: list[str]) -> 
             fail(f'overrides[{i}]', 'run.output_dir is set by launch (<run folder>/stages/<stage>/out)')
     if st.init_from is not None and st.init_from not in earlier:
         fail('init_from', f'{st.init_from!r} is not an earlier stage (earlier: {earlier})')
+    if st.init_weights == 'ema' and st.init_from is None:
+        fail('init_weights', 'ema weights of which stage? init_from is null')
     validate_resources(st.resources, where, f'{prefix}resources')
     # The training config must load with launch's own overrides too (output_dir, init weights).
     from pretrain.config import ConfigError, load_config
@@ -178,7 +182,7 @@ def load_stage(path: str | Path) -> StageSpec:
     raw = _read_yaml(path)
     if is_cascade(raw):
         raise LaunchConfigError(f'{where}: stages: this is a cascade file; use `python -m launch cascade`')
-    st = _build(StageSpec, raw, '', where, skip=('init_from',))
+    st = _build(StageSpec, raw, '', where, skip=('init_from', 'init_weights'))
     st.name = st.name or Path(path).stem
     _check_stage(st, where, '', [])
     return st
@@ -221,6 +225,12 @@ def load_cascade(path: str | Path) -> CascadeSpec:
             st.init_from = names[-1] if names else None
         st.runs_root = top.runs_root
         _check_stage(st, where, prefix, names)
+        if st.init_weights == 'ema':
+            from pretrain.config import load_config
+            pred = next(s for s in top.stages if s.name == st.init_from)
+            if not load_config(pred.train_config, list(pred.overrides)).ema.enabled:
+                raise LaunchConfigError(f'{where}: {prefix}init_weights: ema, but stage {pred.name!r} trains without '
+                                        f'an EMA (ema.enabled is false in {pred.train_config})')
         names.append(st.name)
         top.stages.append(st)
     return top

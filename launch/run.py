@@ -86,7 +86,8 @@ class Run:
                 '--max-requeues', str(st.resources.max_requeues),
                 '--requeue-signals', ','.join(st.resources.requeue_signals)]
         if meta.get('init_from'):
-            argv += ['--init-from', str(self.stage_dir(meta['init_from']) / 'out')]
+            argv += ['--init-from', str(self.stage_dir(meta['init_from']) / 'out'),
+                     '--init-weights', st.init_weights]
         return argv + [meta['train_config'], *st.overrides]
 
 

@@ -5,7 +5,8 @@ What ``python -m pretrain train CONFIG [overrides]`` does, plus what a launched 
 - the rendezvous under Slurm when nothing set it: ``MASTER_ADDR`` = first host of the job's node list,
   ``MASTER_PORT`` = ``10000 + SLURM_JOB_ID % 20000`` (two jobs sharing a node do not clash);
 - ``run.output_dir`` = ``<stage dir>/out``;
-- ``--init-from PRED_OUT``: rank 0 consolidates the newest complete checkpoint of the predecessor stage into
+- ``--init-from PRED_OUT [--init-weights raw|ema]``: rank 0 consolidates the newest complete checkpoint of the
+  predecessor stage (its raw or EMA weights) into
   ``<stage dir>/init/<...>.pt`` (fp32, ``{'model': state_dict}``, through ``pretrain.export``), every rank passes it
   as ``model.checkpoint_path`` (a resumed stage then loads its own checkpoint over it);
 - preemption: ``--requeue-signals USR2`` makes the signal save a checkpoint on every rank at the next step boundary
@@ -98,6 +99,7 @@ def parse_args(argv: list[str] | None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--stage-dir', required=True, help='the stage folder in the run folder')
     p.add_argument('--init-from', default=None, help="the predecessor stage's output folder")
+    p.add_argument('--init-weights', default='raw', choices=['raw', 'ema'], help="which of the predecessor's weights")
     p.add_argument('--max-requeues', type=int, default=3)
     p.add_argument('--requeue-signals', default='USR2', help="comma-separated signal names ('' = none)")
     p.add_argument('--workdir', default=None, help='chdir here first (relative paths in the training config)')
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                      pretrain_code=str(Path(pretrain.__file__).parent.parent))
     try:
         if args.init_from:
-            overrides.append(f'model.checkpoint_path={ensure_init_weights(args.init_from, stage_dir / "init", rank)}')
+            init = ensure_init_weights(args.init_from, stage_dir / 'init', rank, weights=args.init_weights)
+            overrides.append(f'model.checkpoint_path={init}')
         cfg = load_config(args.config, overrides)
     except (ConfigError, ExportError, FileNotFoundError, TimeoutError) as e:
         log(f'error: {e}')

@@ -30,9 +30,10 @@ def test_demo_cascade_chains_stages_and_exports_loadable_weights(real_data):
     from pretrain.export import consolidate
 
     stages = ['pretrain', 'finetune_22k', 'finetune_1k']
-    for prev, stage in zip(stages, stages[1:]):
+    for prev, stage, weights in zip(stages, stages[1:], ['raw', 'ema']):  # demo.yaml: finetune_1k takes the EMA
         init, = (run / 'stages' / stage / 'init').glob(f'{prev}_step_*.pt')
-        prev_final, _ = consolidate(run / 'stages' / prev / 'out')  # its newest complete checkpoint, raw weights
+        assert init.name.endswith('_ema.pt') == (weights == 'ema')
+        prev_final, _ = consolidate(run / 'stages' / prev / 'out', weights)  # its newest complete checkpoint
         loaded = torch.load(init, weights_only=True)['model']
         assert loaded.keys() == prev_final.keys() and all(torch.equal(loaded[k], prev_final[k]) for k in loaded)
         log = (run / 'stages' / stage / 'logs' / 'local_0.out').read_text()

@@ -61,6 +61,7 @@ def test_cascade_defaults_merge_and_init_from(tmp_path):
                    {'name': 'd', 'train_config': TRAIN, 'init_from': None}]})
     c = load_cascade(path)
     assert [s.init_from for s in c.stages] == [None, 'a', 'a', None]
+    assert [s.init_weights for s in c.stages] == ['raw'] * 4
     assert [s.resources.timeout_min for s in c.stages] == [30, 5, 30, 30]
     assert all(s.resources.partition == 'gpu' and s.resources.tasks_per_node == 2 for s in c.stages)
 
@@ -72,6 +73,11 @@ def test_cascade_defaults_merge_and_init_from(tmp_path):
     ([{'name': 'a', 'train_config': TRAIN, 'resources': {'nodes': 0}}], 'stages[0].resources.nodes'),
     ([{'name': 'a b', 'train_config': TRAIN}], 'stages[0].name'),
     ([], 'stages'),
+    ([{'name': 'a', 'train_config': TRAIN, 'init_weights': 'ema'}], 'stages[0].init_weights'),
+    ([{'name': 'a', 'train_config': TRAIN, 'overrides': ['ema.enabled=false']},
+      {'name': 'b', 'train_config': TRAIN, 'init_weights': 'ema'}], 'stages[1].init_weights'),
+    ([{'name': 'a', 'train_config': TRAIN}, {'name': 'b', 'train_config': TRAIN, 'init_weights': 'best'}],
+     'stages[1].init_weights'),
 ])
 def test_cascade_errors_name_file_and_key(tmp_path, stages, key):
     path = write(tmp_path, 'c.yaml', {'name': 'c', 'stages': stages})
