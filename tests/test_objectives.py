@@ -349,3 +349,10 @@ def test_m3i_trains_under_zero3_on_two_ranks(real_data, labelled_shards, tmp_pat
         all(v == v for v in r['loss'].values()) for r in train)  # no nan
     assert {'contrastive', 'supervised', 'mim'} <= set(train[-1]['loss'])
     assert [r for r in rows if r['split'] == 'eval'][-1]['raw']['zero_shot']['images'] == 32
+    # On one rank: DeepSpeed's universal checkpoint for the model and optimizer; the partitioned EMA and teacher are
+    # merged from both ranks' files and re-cut (nothing of them listed as not restored).
+    out = _run(['train', str(cfg), 'schedule.total_steps=4'])
+    resumed = next(line for line in out.splitlines() if 'resumed from' in line)
+    assert f'resumed from {step} at step 3 (universal)' in resumed
+    assert 'teacher' not in resumed and 'EMA' not in resumed and 'ema' not in resumed.split('not restored')[1]
+    assert (tmp_path / 'z3' / 'checkpoints' / 'step_00000004' / 'COMPLETE').is_file()
