@@ -133,6 +133,11 @@ def test_plan_model_states_follow_zero_accounting():
     assert z3.params == 2 * p / 8 and z3.ema == 4 * p / 8
     off = model_state_bytes(p, stage=3, world_size=8, offload_optimizer=True, offload_param=True)
     assert off.optimizer == 0 and off.params == 0 and off.host_offloaded == 12 * p / 8 + 2 * p / 8
+    # the M3I teacher: an fp32 average of the backbone's parameters, partitioned under ZeRO-3 only
+    t2 = model_state_bytes(p, stage=2, world_size=8, teacher_params=p // 2)
+    t3 = model_state_bytes(p, stage=3, world_size=8, teacher_params=p // 2)
+    assert t2.teacher == 4 * (p // 2) and t3.teacher == 4 * (p // 2) / 8
+    assert t3.total == model_state_bytes(p, stage=3, world_size=8).total + t3.teacher
 
 
 def test_plan_cli_reports_memory_and_micro_batch(tmp_path):

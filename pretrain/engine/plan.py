@@ -10,7 +10,8 @@ and N data-parallel ranks:
 
 ZeRO-1 divides the optimizer term by N, ZeRO-2 also the gradients, ZeRO-3 also the parameters (plus the gathered
 working set of the largest blocks). Optimizer offload moves the optimizer term (and ZeRO-3 parameter offload the
-parameters) to host memory. The EMA adds 4P (ZeRO 0-2) or 4P/N (ZeRO-3).
+parameters) to host memory. The EMA adds 4P (ZeRO 0-2) or 4P/N (ZeRO-3); so does the M3I MIM teacher, with the
+backbone's P.
 
 Activations are measured, not guessed: one forward at batch 1 on the CPU at a reduced resolution with a
 saved-tensor hook that counts the bytes autograd keeps (deduplicated by storage), attributed to the block that saved
@@ -40,14 +41,16 @@ class ModelStates:
     ema: float
     zero3_working_set: float
     host_offloaded: float
+    teacher: float = 0.0  # the M3I MIM teacher: an fp32 EMA of the backbone, partitioned like the EMA
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.ema + self.zero3_working_set
+        return self.params + self.grads + self.optimizer + self.ema + self.teacher + self.zero3_working_set
 
 
 def model_state_bytes(num_params: int, *, stage: int, world_size: int, precision: str = 'bf16',
                       ema: bool = False, offload_optimizer: bool = False, offload_param: bool = False,
+                      teacher_params: int = 0,
                       largest_block_params: int = 0) -> ModelStates:
     """Bytes per rank of parameters, gradients, optimizer states, EMA (and the ZeRO-3 gathered working set)."""
     p, n = float(num_params), float(world_size)
@@ -62,6 +65,7 @@ def model_state_bytes(num_params: int, *, stage: int, world_size: int, precision
         params /= n
         working = 2 * low * largest_block_params  # the block being computed and the prefetched next one
     ema_bytes = (4.0 * p / (n if stage >= 3 else 1)) if ema else 0.0
+    teacher_bytes = 4.0 * teacher_params / (n if stage >= 3 else 1)
     host = 0.0
     if offload_optimizer:
         host += optim
@@ -69,7 +73,7 @@ def model_state_bytes(num_params: int, *, stage: int, world_size: int, precision
     if offload_param and stage >= 3:
         host += params
         params = 0.0
-    return ModelStates(params, grads, optim, ema_bytes, working, host)
+    return ModelStates(params, grads, optim, ema_bytes, working, host, teacher_bytes)
 
 
 def activation_bytes_per_sample(model: torch.nn.Module, img_size: int, *, measure_size: int = 64) -> dict:
@@ -140,10 +144,14 @@ def plan(cfg, *, world_size: int, gpu_mem_gib: float, reserve_gib: float = 2.0, 
     model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, grad_checkpointing=False)))
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     largest_block = max(sum(p.numel() for p in b.parameters()) for b in checkpointable_blocks(model))
+    ob = cfg.objective
+    teacher = (sum(p.numel() for p in model.backbone.parameters())
+               if ob.kind == 'm3i' and ob.mim.weight > 0 else 0)
     ds = cfg.deepspeed
     states = model_state_bytes(num_params, stage=ds.zero_stage, world_size=world_size, precision=ds.precision,
                                ema=cfg.ema.enabled, offload_optimizer=ds.offload_optimizer != 'none',
-                               offload_param=ds.offload_param != 'none', largest_block_params=largest_block)
+                               offload_param=ds.offload_param != 'none', largest_block_params=largest_block,
+                               teacher_params=teacher)
     act = activation_bytes_per_sample(model, cfg.data.img_size, measure_size=measure_size)
     dtype_scale = 1.0 if ds.precision == 'fp32' else 0.5
     act = {k: v * dtype_scale for k, v in act.items()}
@@ -187,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['model']}: {result['params'] / 1e6:.1f}M parameters, ZeRO-{result['zero_stage']} "
           f"{result['precision']}, {result['world_size']} ranks, {result['gpu_mem_gib']:g} GiB per GPU "
           f"({result['reserve_gib']:g} reserved)")
+    teacher = f"MIM teacher {s['teacher']:.2f}, " if s['teacher'] else ''
+    host = f"; offloaded to host {s['host_offloaded']:.2f} GiB" if s['host_offloaded'] else ''
     print(f"  per GPU: parameters {s['params']:.2f} GiB, gradients {s['grads']:.2f}, optimizer {s['optimizer']:.2f}, "
-          f"EMA {s['ema']:.2f}, ZeRO-3 working set {s['zero3_working_set']:.2f} -> model states {s['total']:.2f} GiB"
-          + (f"; offloaded to host {s['host_offloaded']:.2f} GiB" if s['host_offloaded'] else ''))
+          f"EMA {s['ema']:.2f}, {teacher}ZeRO-3 working set {s['zero3_working_set']:.2f} -> model states "
+          f"{s['total']:.2f} GiB{host}")
     for key in ('no_checkpointing', 'checkpointing'):
         per = result['activations_gib_per_sample'][key]
         fit = result['largest_micro_batch'][key]
