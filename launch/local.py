@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 
 from launch.run import Run
+from pretrain.engine.dist import free_port
 from pretrain.engine.preemption import REQUEUE_EXIT_CODE
 
-__all__ = ['run_local', 'free_port']
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+__all__ = ['run_local']
 
 
 def _run_stage_once(run: Run, name: str, attempt: int) -> int:

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.engine.dist import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {'name': 'internimage_t', 'num_classes': 200, 'drop_path_rate': 0.0,
               'kwargs': {'channels': 16, 'depths': [1, 1, 1, 1], 'groups': [1, 2, 4, 8]}}
@@ -159,13 +161,6 @@ def test_plan_cli_reports_memory_and_micro_batch(tmp_path):
 # multi-process helpers
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS='1', PYTHONPATH=str(REPO), DS_ACCELERATOR='cpu', PYTHONUNBUFFERED='1')
@@ -174,7 +169,7 @@ def _env() -> dict:
 
 def _torchrun(nproc: int, args: list[str]) -> list[str]:
     return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_addr',
-            '127.0.0.1', '--master_port', str(_free_port()), *args]
+            '127.0.0.1', '--master_port', str(free_port()), *args]
 
 
 def run_procs(nproc: int, args: list[str], timeout: float = 300, extra_env: dict | None = None) -> str:

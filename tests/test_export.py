@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from tests.conftest import REAL_DATA
-from tests.test_engine import _env, _free_port, run_procs, shards  # noqa: F401 - the shards fixture
+from tests.test_engine import _env, run_procs, shards  # noqa: F401 - the shards fixture
 
 REPO = Path(__file__).resolve().parents[1]
 THIS = str(Path(__file__).resolve())
@@ -275,8 +275,7 @@ def one_rank(shards, tmp_path_factory) -> dict:  # noqa: F811
     """ZeRO 0, 1 and 3 (the bare backbone) and an M3I stage under ZeRO-2, one after the other in one process."""
     out = tmp_path_factory.mktemp('export_one_rank')
     specs = ['z0:0', 'z1:1', 'z3:3', 'm3i:2:m3i']
-    env = {**_env(), 'MASTER_PORT': str(_free_port())}  # one process also opens a (gloo) process group
-    res = subprocess.run([sys.executable, THIS, 'train', str(out), shards, *specs], cwd=REPO, env=env,
+    res = subprocess.run([sys.executable, THIS, 'train', str(out), shards, *specs], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return _references(out, [s.split(':')[0] for s in specs])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -103,12 +101,10 @@ def _contrastive_rank(rank: int, world: int, port: int, out: str) -> None:
 def test_contrastive_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
     import torch.multiprocessing as mp
 
+    from pretrain.engine.dist import free_port
     from pretrain.objectives.contrastive import contrastive_loss
 
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(_contrastive_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_contrastive_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
     g = torch.Generator().manual_seed(3)
     img = torch.randn(12, 8, generator=g).requires_grad_(True)
@@ -287,19 +283,9 @@ def m3i_config(path: Path, out: Path, real_data: Path, labelled: str, **over) ->
 
 
 def _run(args: list[str], nproc: int = 1, timeout: float = 600) -> str:
-    import subprocess
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
-    if nproc > 1:
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={port}',
-               '-m', 'pretrain', *args]
-    else:
-        cmd = [sys.executable, '-m', 'pretrain', *args]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:]
-    return res.stdout + res.stderr
+    """``python -m pretrain ARGS`` on ``nproc`` ranks (torchrun); the combined output."""
+    from tests.test_engine import run_procs
+    return run_procs(nproc, ['-m', 'pretrain', *args], timeout=timeout)
 
 
 def _rows(out: Path) -> list[dict]:

@@ -17,7 +17,7 @@ from pretrain.models import PeLK, checkpointable_blocks, create_backbone, load_c
 from pretrain.models.pelk import PartialPeripheralConv, kpe_bias, sharing_grid
 from pretrain.ops import dwconv
 from pretrain.ops.dwconv import choose_impl, crop_kernel, dwconv2d, fft_size
-from tests.test_engine import _env, _free_port, shards  # noqa: F401  (shards: real ImageNet photos as tmp shards)
+from tests.test_engine import _env, shards  # noqa: F401  (shards: real ImageNet photos as tmp shards)
 from tests.test_models_internimage import _real_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -438,10 +438,9 @@ def test_demo_config_trains_on_real_shards(shards, tmp_path):  # noqa: F811
     cfg['run']['output_dir'] = str(tmp_path / 'run')
     path = tmp_path / 'pelk_demo.yaml'
     path.write_text(yaml.safe_dump(cfg))
-    env = {**_env(), 'MASTER_PORT': str(_free_port())}
     res = subprocess.run([sys.executable, '-m', 'pretrain', 'train', str(path), 'schedule.epochs=null',
                           'schedule.total_steps=3', 'logging.interval_steps=1'],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
     assert summary['step'] == 3 and summary['samples_seen'] == 3 * 8

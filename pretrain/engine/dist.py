@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ['DistEnv', 'detect_env', 'expand_nodelist', 'init_distributed', 'barrier', 'all_reduce_max',
+__all__ = ['DistEnv', 'detect_env', 'expand_nodelist', 'free_port', 'init_distributed', 'barrier', 'all_reduce_max',
            'all_reduce_sum', 'destroy']
 
 
@@ -74,11 +74,12 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         return DistEnv(int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env.get('SLURM_LOCALID', 0)),
                        env.get('MASTER_ADDR') or expand_nodelist(nodelist)[0], port, 'slurm')
     # One process: a free port unless one was given, so that several single-process runs can share a machine.
-    port = int(env['MASTER_PORT']) if 'MASTER_PORT' in env else _free_port()
+    port = int(env['MASTER_PORT']) if 'MASTER_PORT' in env else free_port()
     return DistEnv(0, 1, 0, env.get('MASTER_ADDR', '127.0.0.1'), port, 'single')
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous)."""
     import socket
 
     with socket.socket() as s:
