@@ -123,17 +123,16 @@ def _classify_with_timm(timm_folder: Path, in1k: Path) -> float:
     import pretrain.models  # noqa: F401  (registers the InternImage names with timm)
     from data_pipelines.loader import SourceSpec, build_loader
     from data_pipelines.transforms import build_eval_transform
+    from pretrain.objectives.steps import classification_eval
 
     model = timm.create_model(f"local-dir:{timm_folder}", pretrained=True).eval()
     size = model.pretrained_cfg.get("input_size", (3, 96, 96))[-1]
     loader = build_loader(SourceSpec("in1k", str(in1k / "shard-{000000..000007}.tar")), batch_size=50,
                           num_workers=0, transform=build_eval_transform(size, crop_pct=1.0))
-    hits = seen = 0
     with torch.no_grad():
-        for batch in loader:
-            hits += int((model(batch["image"]).argmax(1) == batch["label"]).sum())
-            seen += len(batch["label"])
-    return 100.0 * hits / max(seen, 1)
+        result = classification_eval(model, loader, device=torch.device("cpu"), dtype=torch.float32, img_size=size,
+                                     num_classes=model.num_classes)
+    return result["top1"]
 
 
 if __name__ == "__main__":
