@@ -134,7 +134,7 @@ def validate_resources(r: Resources, where: str, prefix: str = 'resources') -> N
             fail(f'sbatch_args.{key}', f'must be a string, a number or true (a bare flag), got {value!r}')
 
 
-def _check_stage(st: StageSpec, where: str, prefix: str, earlier: list[str]) -> None:
+def _check_stage(st: StageSpec, where: str, prefix: str, earlier: list[str]):
     def fail(key: str, msg: str):
         raise LaunchConfigError(f'{where}: {prefix}{key}: {msg}')
 
@@ -160,7 +160,7 @@ def _check_stage(st: StageSpec, where: str, prefix: str, earlier: list[str]) -> 
     if st.init_from is not None:
         extra.append('model.checkpoint_path=/nonexistent/init.pt')
     try:
-        load_config(st.train_config, list(st.overrides) + extra)
+        return load_config(st.train_config, list(st.overrides) + extra)  # the stage's TrainConfig
     except ConfigError as e:
         raise LaunchConfigError(f'{where}: {prefix}train_config/overrides: {e}') from e
 
@@ -209,6 +209,7 @@ def load_cascade(path: str | Path) -> CascadeSpec:
     top.name = top.name or Path(path).stem
     defaults = raw.get('resources') or {}
     names: list[str] = []
+    train_cfgs: dict = {}  # stage name -> its validated TrainConfig
     for i, entry in enumerate(stages_raw):
         prefix = f'stages[{i}].'
         if not isinstance(entry, dict):
@@ -224,13 +225,10 @@ def load_cascade(path: str | Path) -> CascadeSpec:
         if not init_given:
             st.init_from = names[-1] if names else None
         st.runs_root = top.runs_root
-        _check_stage(st, where, prefix, names)
-        if st.init_weights == 'ema':
-            from pretrain.config import load_config
-            pred = next(s for s in top.stages if s.name == st.init_from)
-            if not load_config(pred.train_config, list(pred.overrides)).ema.enabled:
-                raise LaunchConfigError(f'{where}: {prefix}init_weights: ema, but stage {pred.name!r} trains without '
-                                        f'an EMA (ema.enabled is false in {pred.train_config})')
+        train_cfgs[st.name] = _check_stage(st, where, prefix, names)
+        if st.init_weights == 'ema' and not train_cfgs[st.init_from].ema.enabled:
+            raise LaunchConfigError(f'{where}: {prefix}init_weights: ema, but stage {st.init_from!r} trains without '
+                                    f'an EMA (ema.enabled is false)')
         names.append(st.name)
         top.stages.append(st)
     return top
