@@ -128,6 +128,7 @@ class DeepSpeedConfig:
     contiguous_gradients: bool = True
     bucket_size: int = 500_000_000
     stage3_param_persistence_threshold: int = 100_000
+    zero_init: bool = False  # ZeRO-3: build the model partitioned (deepspeed.zero.Init; pretrain/engine/zero_init.py)
     extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed JSON (expert escape hatch)
 
 
@@ -501,6 +502,8 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
         fail('deepspeed.grad_accum_steps', f'must be >= 1, got {ds.grad_accum_steps}')
     if ds.grad_clip < 0:
         fail('deepspeed.grad_clip', f'must be >= 0 (0 = off), got {ds.grad_clip}')
+    if ds.zero_init and ds.zero_stage != 3:
+        fail('deepspeed.zero_init', f'building the model partitioned needs zero_stage 3, got stage {ds.zero_stage}')
     if ds.offload_param != 'none' and ds.zero_stage != 3:
         fail('deepspeed.offload_param', f'parameter offload needs zero_stage 3, got stage {ds.zero_stage}')
     if ds.offload_optimizer != 'none' and ds.zero_stage == 0:

@@ -54,7 +54,8 @@ def build_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: fl
         if not p.requires_grad:
             continue
         layer = layer_of.get(name, num_layers - 1)
-        no_wd = p.ndim <= 1 or name.endswith('.bias') or name in skip
+        ndim = len(getattr(p, 'ds_shape', p.shape))  # a ZeRO-3 partitioned parameter's own shape is empty
+        no_wd = ndim <= 1 or name.endswith('.bias') or name in skip
         dcn = dcn_lr_mul != 1.0 and any(k in name for k in DCN_LR_MUL_KEYS)
         key = (layer, no_wd, dcn)
         if key not in groups:

@@ -111,9 +111,16 @@ class Trainer:
         if self.resume_plan is not None:
             self.ckpt.prepare_universal(self.resume_plan)
 
+        self.ds_config = build_deepspeed_config(
+            cfg, world_size=self.world_size, lr_peak=self.lr_peak,
+            load_universal=self.resume_plan is not None and self.resume_plan.mode == 'universal')
         # Same seed on every rank for the weights (ZeRO-3 partitions each rank's own copy), then per-rank streams.
         torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg)
+        if cfg.deepspeed.zero_init:
+            from pretrain.engine.zero_init import build_partitioned
+            model = build_partitioned(lambda: build_model(cfg), self.ds_config, rank=self.rank, device=self.device)
+        else:
+            model = build_model(cfg)
         if getattr(model, 'load_report', None) is not None:
             self.log(f'initial weights from {cfg.model.checkpoint_path}:\n{model.load_report}')
         groups = build_param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay,
@@ -121,9 +128,6 @@ class Trainer:
         self.log('parameter groups:\n' + describe_groups(groups))
         for g in groups:
             g.pop('param_names')
-        self.ds_config = build_deepspeed_config(
-            cfg, world_size=self.world_size, lr_peak=self.lr_peak,
-            load_universal=self.resume_plan is not None and self.resume_plan.mode == 'universal')
         import deepspeed
 
         if cfg.deepspeed.precision == 'fp16' and not torch.cuda.is_available():

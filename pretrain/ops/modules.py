@@ -8,7 +8,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.init import constant_, xavier_uniform_
 
 from pretrain.ops.function import dcnv3_core
 
@@ -151,14 +150,14 @@ class DCNv3(nn.Module):
 
     def _reset_parameters(self):
         """Official init: zero offsets and mask logits (uniform softmax), xavier projections, zero biases."""
-        constant_(self.offset.weight.data, 0.0)
-        constant_(self.offset.bias.data, 0.0)
-        constant_(self.mask.weight.data, 0.0)
-        constant_(self.mask.bias.data, 0.0)
-        xavier_uniform_(self.input_proj.weight.data)
-        constant_(self.input_proj.bias.data, 0.0)
-        xavier_uniform_(self.output_proj.weight.data)
-        constant_(self.output_proj.bias.data, 0.0)
+        nn.init.constant_(self.offset.weight.data, 0.0)
+        nn.init.constant_(self.offset.bias.data, 0.0)
+        nn.init.constant_(self.mask.weight.data, 0.0)
+        nn.init.constant_(self.mask.bias.data, 0.0)
+        nn.init.xavier_uniform_(self.input_proj.weight.data)
+        nn.init.constant_(self.input_proj.bias.data, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight.data)
+        nn.init.constant_(self.output_proj.bias.data, 0.0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``input (N, H, W, C)`` -> ``(N, H, W, C)``."""
