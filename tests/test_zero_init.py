@@ -4,8 +4,9 @@ whole and partitioned by DeepSpeed, on 2 CPU ranks under ZeRO-3 in bf16.
 The worker (this file's ``__main__`` under torchrun) builds a Trainer with ``zero_init`` off and on for one case,
 gathers the initial parameters and buffers, trains 3 steps on fixed batches and gathers the final weights. Cases:
 InternImage loading an initial checkpoint (``model.checkpoint_path``), ConvNeXt V2 (timm initialises its weights
-with ``named_apply`` from the parent, which plain ``zero.Init`` skips) and M3I (open_clip's text tower, whose
-``init_parameters`` also runs from the parent, plus the MIM decoder and teacher).
+with ``named_apply`` from the parent, which plain ``zero.Init`` skips), M3I (open_clip's text tower, whose
+``init_parameters`` also runs from the parent, plus the MIM decoder and teacher) and PeLK (a parameter shared by
+several modules).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ CASES = {
     'convnextv2': {'model': {'name': 'convnextv2_atto', 'num_classes': 200, 'drop_path_rate': 0.0,
                              'kwargs': {'dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1]}}},
     'm3i': {'model': TINY_MODEL, 'objective': M3I_OBJECTIVE},
+    'pelk': {'model': {'name': 'pelk_t', 'num_classes': 200, 'drop_path_rate': 0.0,  # KPE shared by a stage's blocks
+                       'kwargs': {'dims': [16, 32, 64, 128], 'depths': [1, 1, 2, 1]}}},
 }
 
 
