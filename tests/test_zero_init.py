@@ -138,6 +138,24 @@ def test_zero_init_needs_zero3():
                           'deepspeed': {'zero_stage': 2, 'zero_init': True}})
 
 
+def test_plan_reports_the_build_host_memory():
+    from pretrain.config import config_from_dict
+    from pretrain.engine.plan import GiB, plan
+
+    def build_gib(**ds):
+        cfg = config_from_dict({'model': TINY_MODEL, 'data': {'train': [{'name': 'x', 'urls': 'x.tar'}],
+                                                              'img_size': 32},
+                                'schedule': {'total_steps': 10}, 'deepspeed': {'zero_stage': 3, **ds}})
+        out = plan(cfg, world_size=4, gpu_mem_gib=80)
+        return out['build_host_gib'], out['params']
+
+    whole, params = build_gib()
+    assert whole == {'rank0': 4 * params / GiB, 'other_ranks': 4 * params / GiB}
+    assert build_gib(zero_init=True)[0] == {'rank0': 4 * params / GiB, 'other_ranks': 0.0}
+    offloaded = build_gib(zero_init=True, offload_param='cpu')[0]['other_ranks']
+    assert offloaded == pytest.approx(2 * params / 4 / GiB)  # the bf16 partition, in host memory
+
+
 if __name__ == '__main__':
     _worker(sys.argv[1], sys.argv[2])
     import torch.distributed as dist

@@ -167,6 +167,12 @@ def plan(cfg, *, world_size: int, gpu_mem_gib: float, reserve_gib: float = 2.0, 
         'configured_total_gib': {k: (states.total + mb * v) / GiB + reserve_gib for k, v in act.items()},
         'largest_micro_batch': fits,
         'grad_checkpointing_configured': cfg.model.grad_checkpointing,
+        # The model as built, before DeepSpeed takes it: whole in fp32 on every rank, or (deepspeed.zero_init) whole
+        # on rank 0 only, as the reference; the partitions are on the GPU then, or on the host with parameter offload.
+        'build_host_gib': {'rank0': 4 * num_params / GiB, 'other_ranks': (
+            4 * num_params / GiB if not ds.zero_init else 0.0 if ds.offload_param == 'none'
+            else (4 if ds.precision == 'fp32' else 2) * num_params / world_size / GiB)},
+        'zero_init': ds.zero_init,
     }
 
 
@@ -200,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  per GPU: parameters {s['params']:.2f} GiB, gradients {s['grads']:.2f}, optimizer {s['optimizer']:.2f}, "
           f"EMA {s['ema']:.2f}, {teacher}ZeRO-3 working set {s['zero3_working_set']:.2f} -> model states "
           f"{s['total']:.2f} GiB{host}")
+    b = result['build_host_gib']
+    print(f"  building the model: {b['rank0']:.2f} GiB of host memory on rank 0 and {b['other_ranks']:.2f} GiB on "
+          f"each other rank" + ('' if result['zero_init'] else ' (deepspeed.zero_init: true leaves it on rank 0 only)'))
     for key in ('no_checkpointing', 'checkpointing'):
         per = result['activations_gib_per_sample'][key]
         fit = result['largest_micro_batch'][key]
