@@ -178,22 +178,18 @@ def _read_deepspeed(step_dir: Path, step: int, notes: list[str]) -> dict[str, to
 
 
 def _read_average(step_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    from pretrain.engine.checkpoint import average_files
     from pretrain.engine.ema import merge_saved_states
 
-    first = step_dir / f'{name}_00000.pt'
-    if not first.is_file():
+    try:
+        files = average_files(step_dir, name)
+    except FileNotFoundError as e:  # some ranks' files of a partitioned average
+        raise ExportError(str(e)) from e
+    if not files:
         have = sorted({f.name.rsplit('_', 1)[0] for f in step_dir.glob('*_00000.pt')} - {'rank'})
-        raise ExportError(f'{step_dir}: no {name} weights ({first.name} missing; weight averages saved here: '
+        raise ExportError(f'{step_dir}: no {name} weights ({name}_00000.pt missing; weight averages saved here: '
                           f'{have or "none"})')
-    states = [torch.load(first, map_location='cpu', weights_only=True)]
-    if any(states[0]['partitioned'].values()):  # ZeRO-3: one partition per rank
-        for r in range(1, int(states[0]['world_size'])):
-            f = step_dir / f'{name}_{r:05d}.pt'
-            if not f.is_file():
-                raise ExportError(f'{step_dir}: {f.name} missing (the {name} is partitioned over '
-                                  f'{states[0]["world_size"]} ranks)')
-            states.append(torch.load(f, map_location='cpu', weights_only=True))
-    return merge_saved_states(states)
+    return merge_saved_states([torch.load(f, map_location='cpu', weights_only=True) for f in files])
 
 
 def _read_step_dir(step_dir: Path, weights: str) -> tuple[dict, dict | None, ExportMeta]:

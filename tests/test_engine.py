@@ -97,6 +97,37 @@ def test_only_committed_checkpoints_are_found(tmp_path):
     assert [s for s, _ in find_complete_checkpoints(str(tmp_path))] == [2, 4]
 
 
+def test_average_files_are_listed_in_rank_order_and_an_incomplete_set_is_named(tmp_path):
+    from pretrain.engine.checkpoint import average_files
+    from pretrain.engine.ema import merge_saved_states
+
+    def state(part: torch.Tensor, partitioned: bool, world: int) -> dict:
+        return {'shadow': {'w': part}, 'partitioned': {'w': partitioned}, 'shapes': {'w': [10]}, 'num_updates': 3,
+                'decay': 0.9, 'world_size': world}
+
+    step = tmp_path / 'step_00000004'
+    step.mkdir()
+    assert average_files(step, 'ema') == []
+    # saved by 3 ranks under ZeRO-2: the whole EMA on rank 0 alone
+    torch.save(state(torch.arange(10.0), False, 3), step / 'ema_00000.pt')
+    # ZeRO-3 on 3 ranks: partitions of 4 (10 elements padded to 12), written in another order; a stray temp file
+    for r in (2, 0, 1):
+        torch.save(state(torch.arange(4.0) + 4 * r, True, 3), step / f'teacher_{r:05d}.pt')
+    (step / 'teacher_00003.pt.tmp77').write_bytes(b'half a save')
+    assert average_files(str(step), 'ema') == [str(step / 'ema_00000.pt')]
+    files = average_files(step, 'teacher')
+    assert files == [str(step / f'teacher_{r:05d}.pt') for r in range(3)]
+    merged = merge_saved_states([torch.load(f, weights_only=True) for f in files])
+    assert torch.equal(merged['w'], torch.arange(10.0))
+    (step / 'teacher_00001.pt').unlink()
+    with pytest.raises(FileNotFoundError, match=rf'{step}: the teacher weights are incomplete \(partitioned over 3 '
+                                                r'ranks.*1 of 3 files missing: teacher_00001.pt$'):
+        average_files(step, 'teacher')
+    (step / 'teacher_00000.pt').unlink()  # rank 0's gone too: the remaining partition still says how many
+    with pytest.raises(FileNotFoundError, match=r'2 of 3 files missing: teacher_00000.pt, teacher_00001.pt$'):
+        average_files(step, 'teacher')
+
+
 def test_ema_update_swap_and_reload():
     from pretrain.engine.ema import EMA
     model = tiny_model()

@@ -210,6 +210,12 @@ def test_incomplete_or_missing_weights_are_refused(tmp_path):
     (done / 'config.yaml').write_text(json.dumps({'model': {'name': NAME, 'kwargs': KWARGS}}))
     with pytest.raises(ExportError, match=f'{done}: no ema weights'):
         consolidate(tmp_path / 'run', 'ema')  # the newest complete one, refused before anything is read
+    # a ZeRO-3 EMA saved by 2 ranks, rank 1's partition lost
+    torch.save({'shadow': {'w': torch.zeros(2)}, 'partitioned': {'w': True}, 'shapes': {'w': [4]}, 'num_updates': 1,
+                'decay': 0.5, 'world_size': 2}, done / 'ema_00000.pt')
+    with pytest.raises(ExportError, match=f'{done}: the ema weights are incomplete .*1 of 2 files missing: '
+                                          'ema_00001.pt'):
+        consolidate(done, 'ema')
     with pytest.raises(ExportError, match='neither a checkpoint'):
         consolidate(tmp_path)
 

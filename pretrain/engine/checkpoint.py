@@ -35,8 +35,8 @@ import torch
 
 from pretrain.engine import dist as edist
 
-__all__ = ['CheckpointManager', 'ResumePlan', 'TrainState', 'find_complete_checkpoints', 'rng_state',
-           'set_rng_state', 'DEBUG_SAVE_PAUSE_ENV']
+__all__ = ['CheckpointManager', 'ResumePlan', 'TrainState', 'average_files', 'find_complete_checkpoints',
+           'rng_state', 'set_rng_state', 'DEBUG_SAVE_PAUSE_ENV']
 
 MARKER = 'COMPLETE'
 _STEP_DIR = re.compile(r'^step_(\d{8})$')
@@ -120,6 +120,33 @@ def find_complete_checkpoints(root: str) -> list[tuple[int, str]]:
         if m and os.path.isfile(os.path.join(root, name, MARKER)):
             found.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(found)
+
+
+def _average_file(name: str, rank: int) -> str:
+    return f'{name}_{rank:05d}.pt'
+
+
+def average_files(step_dir: str | os.PathLike, name: str) -> list[str]:
+    """The files of the weight average ``name`` (``ema``, ``teacher``) saved in ``step_dir``, in rank order: one
+    per saved rank when it is partitioned (ZeRO-3), else rank 0's alone. ``[]`` when the folder holds none of them.
+
+    Whether it is partitioned, and over how many ranks, is read from the saved state itself (memory-mapped, so the
+    tensors are not read). Raises :class:`FileNotFoundError` naming the folder and the missing files when only
+    some of the ranks' files are there."""
+    step_dir = os.fspath(step_dir)
+    pattern = re.compile(rf'^{re.escape(name)}_(\d{{5}})\.pt$')
+    present = {int(m.group(1)): os.path.join(step_dir, f) for f in os.listdir(step_dir) if (m := pattern.match(f))}
+    if not present:
+        return []
+    saved = torch.load(present[min(present)], map_location='cpu', weights_only=True, mmap=True)
+    partitioned = any(saved['partitioned'].values())
+    ranks = int(saved['world_size']) if partitioned else 1
+    missing = [_average_file(name, r) for r in range(ranks) if r not in present]
+    if missing:
+        how = f'partitioned over {ranks} ranks, one file each' if partitioned else 'saved by rank 0 alone'
+        raise FileNotFoundError(f'{step_dir}: the {name} weights are incomplete ({how}): {len(missing)} of '
+                                f'{ranks} files missing: {", ".join(missing[:8])}{" ..." if len(missing) > 8 else ""}')
+    return [present[r] for r in range(ranks)]
 
 
 class CheckpointManager:
@@ -209,7 +236,7 @@ class CheckpointManager:
                            os.path.join(step_dir, f'rank_{self.rank:05d}.pt'))
         for name, avg in averages.items():
             if self.rank == 0 or any(avg.partitioned.values()):
-                _atomic_torch_save(avg.state_dict(), os.path.join(step_dir, f'{name}_{self.rank:05d}.pt'))
+                _atomic_torch_save(avg.state_dict(), os.path.join(step_dir, _average_file(name, self.rank)))
         if self.rank == 0:
             import yaml
             _atomic_torch_save({'train_state': state.state_dict(), 'scheduler': scheduler.state_dict(),
@@ -293,21 +320,18 @@ class CheckpointManager:
                                        'RNG states (reseeded from seed, step and rank)']
             if loader is not None:
                 loader.set_epoch(state.epoch)
-        partitioned = trainer.get('averages_partitioned', {'ema': trainer.get('ema_partitioned', False)})
         for name, avg in averages.items():
             if avg is None:
                 continue
-            if partitioned.get(name):
-                files = [os.path.join(plan.step_dir, f'{name}_{r:05d}.pt') for r in range(plan.saved_world_size)]
-            else:
-                files = [os.path.join(plan.step_dir, f'{name}_00000.pt')]
-            if not all(os.path.isfile(f) for f in files):
+            files = average_files(plan.step_dir, name)  # raises on an incomplete set
+            if not files:
                 report['not_restored'].append(f'{name} (not in the checkpoint; restarted from the current weights)')
                 continue
-            if plan.mode == 'exact' and partitioned.get(name):
-                # Same world size: only this rank's partition is needed; the others are placeholders in order.
+            if plan.mode == 'exact' and len(files) > 1:
+                # Partitioned at the same world size: only this rank's partition is needed; the others are
+                # placeholders in order.
                 own = torch.load(files[self.rank], map_location='cpu', weights_only=False)
-                states = [own if r == self.rank else _like_partition(own) for r in range(plan.saved_world_size)]
+                states = [own if r == self.rank else _like_partition(own) for r in range(len(files))]
             else:
                 states = [torch.load(f, map_location='cpu', weights_only=False) for f in files]
             avg.load_state_dicts(states)
