@@ -286,6 +286,11 @@ def _parity_worker(out_dir: str, stages: list[int], precision: str, eps: float) 
 
     world = int(os.environ.get('WORLD_SIZE', 1))
     rank = int(os.environ.get('RANK', 0))
+    # On a GPU (tests/test_engine_gpu.py): convolutions and matmuls in fp32, not TF32, and deterministic convolutions,
+    # so that the fp32 tolerances hold there too.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
     global_batch, steps = 8, 5
     mb = global_batch // 2  # micro-batch 4: 2 ranks x 1 micro-step, or 1 rank x 2 micro-steps
     gen = torch.Generator().manual_seed(1234)
@@ -322,22 +327,22 @@ def _parity_worker(out_dir: str, stages: list[int], precision: str, eps: float) 
             step_losses.append(float(all_reduce_sum(torch.tensor([res.loss], dtype=torch.float64))[0]) / world)
         params = list(trainer.engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
-            weights = {n: p.detach().float().clone() for n, p in trainer.engine.module.named_parameters()}
-        ema = trainer.ema.full_state_dict()
+            weights = {n: p.detach().float().cpu().clone() for n, p in trainer.engine.module.named_parameters()}
+        ema = {k: v.cpu() for k, v in trainer.ema.full_state_dict().items()}
         # Evaluating with the EMA swapped in == a plain copy of the model loaded with the EMA state_dict.
         from pretrain.engine.trainer import build_model
         plain = build_model(cfg).eval()
         plain.load_state_dict(ema, strict=False)  # num_batches_tracked is not averaged
         trainer.engine.eval()
         with torch.no_grad(), trainer.ema.swapped_in():
-            swapped = trainer.engine(images[0].to(trainer.dtype)).float()
+            swapped = trainer.engine(images[0].to(trainer.device, trainer.dtype)).float().cpu()
         with torch.no_grad():
             ema_eval_diff = (swapped - plain(images[0]).float()).abs().max().item()
-            restored_diff = max((p.detach().float() - weights[n]).abs().max().item()
+            restored_diff = max((p.detach().float().cpu() - weights[n]).abs().max().item()
                                 for n, p in trainer.engine.module.named_parameters() if p.numel() > 0)
         if rank == 0:
             torch.save({'losses': step_losses, 'weights': weights, 'ema': ema, 'ema_eval_diff': ema_eval_diff,
-                        'restored_diff': restored_diff},
+                        'restored_diff': restored_diff, 'device': str(trainer.device)},
                        os.path.join(out_dir, f'zero{stage}_world{world}.pt'))
         del trainer
 
@@ -354,14 +359,25 @@ def test_zero_stages_match_single_process(tmp_path):
     (eps 1e-6 here; with 1e-8 that noise alone moves it by +-lr). A rank that skipped the gradient reduction would
     be off by ~1e-3. BatchNorm running stats are not compared: on 2 ranks they are averaged once per step, on one
     rank updated once per micro-step."""
-    this = str(Path(__file__).resolve())
-    run_procs(1, [this, 'parity', str(tmp_path), '0', 'fp32', '1e-6'])
-    run_procs(2, [this, 'parity', str(tmp_path), '1,2,3', 'fp32', '1e-6'])
-    ref = torch.load(tmp_path / 'zero0_world1.pt')
+    run_parity(tmp_path, 1, '0')
+    run_parity(tmp_path, 2, '1,2,3')
+    assert_parity(tmp_path, (1, 2, 3))
+
+
+def run_parity(out_dir: Path, nproc: int, stages: str, extra_env: dict | None = None) -> None:
+    """This file's parity worker on ``nproc`` ranks for ZeRO ``stages`` ('1,2,3'), fp32, Adam eps 1e-6."""
+    run_procs(nproc, [str(Path(__file__).resolve()), 'parity', str(out_dir), stages, 'fp32', '1e-6'],
+              extra_env=extra_env)
+
+
+def assert_parity(out_dir: Path, stages: tuple[int, ...]) -> None:
+    """The 2-rank results of ``stages`` == the 1-rank ZeRO-0 reference (test_zero_stages_match_single_process
+    explains the tolerance)."""
+    ref = torch.load(out_dir / 'zero0_world1.pt')
     assert all(math.isfinite(v) for v in ref['losses'])
     assert ref['losses'][0] != ref['losses'][-1]
-    for stage in (1, 2, 3):
-        got = torch.load(tmp_path / f'zero{stage}_world2.pt')
+    for stage in stages:
+        got = torch.load(out_dir / f'zero{stage}_world2.pt')
         assert got['ema_eval_diff'] < 1e-4, f'ZeRO-{stage}: eval with the EMA swapped in is not the EMA model'
         assert got['restored_diff'] == 0, f'ZeRO-{stage}: weights not restored after the EMA eval'
         assert got['losses'] == pytest.approx(ref['losses'], rel=1e-6), f'ZeRO-{stage} losses'
