@@ -113,6 +113,23 @@ def test_fp16_zero2_trains_on_one_gpu(shards, tmp_path):  # noqa: F811
     assert_ran_on_cuda(run / 'checkpoints' / 'step_00000003')
 
 
+def test_fp16_loss_scale_skips_do_not_stop_the_run(shards, tmp_path):  # noqa: F811
+    """A loss scale of 2**20 overflows the fp16 gradients of the first steps (~0.4 x 2**20 > 65504). DeepSpeed skips
+    them and lowers the scale; the trainer counts them as ``loss_scale_skips``, not as non-finite steps, so
+    ``run.max_nonfinite_in_a_row: 2`` does not end the run."""
+    run = tmp_path / 'run'
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, run,
+                       deepspeed={'zero_stage': 2, 'precision': 'fp16', 'fp16_initial_scale_power': 20},
+                       schedule={'total_steps': 10, 'warmup_steps': 1}, run={'max_nonfinite_in_a_row': 2},
+                       checkpoint={'interval_steps': 10, 'keep_last': 1})
+    train(cfg)
+    train_rows = rows(run)
+    assert train_rows[-1]['step'] == 10
+    assert train_rows[-1]['loss_scale_skips'] >= 2 and train_rows[-1]['nonfinite_total'] == 0
+    assert train_rows[-1]['loss_scale'] < 2 ** 20
+    assert json.loads((run / 'summary.json').read_text())['loss_scale_skips'] == train_rows[-1]['loss_scale_skips']
+
+
 @pytest.mark.dist
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs 2 GPUs')
 def test_zero3_on_two_gpus_matches_one_gpu(tmp_path):

@@ -52,15 +52,18 @@ class TrainState:
     samples_seen: int = 0  # images consumed over all ranks (including dropped non-finite micro-batches)
     epoch: int = 0
     nonfinite_total: int = 0
+    loss_scale_skips: int = 0  # fp16 steps the dynamic loss scaler skipped (gradient overflow)
     extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return dict(step=self.step, samples_seen=self.samples_seen, epoch=self.epoch,
-                    nonfinite_total=self.nonfinite_total, extra=dict(self.extra))
+                    nonfinite_total=self.nonfinite_total, loss_scale_skips=self.loss_scale_skips,
+                    extra=dict(self.extra))
 
     def load_state_dict(self, s: dict) -> None:
         self.step, self.samples_seen, self.epoch = int(s['step']), int(s['samples_seen']), int(s['epoch'])
         self.nonfinite_total = int(s.get('nonfinite_total', 0))
+        self.loss_scale_skips = int(s.get('loss_scale_skips', 0))
         self.extra = dict(s.get('extra', {}))
 
 

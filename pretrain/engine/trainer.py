@@ -204,7 +204,14 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         skipped = grad_norm is not None and not math.isfinite(grad_norm)
-        if skipped:
+        if skipped and self.cfg.deepspeed.precision == 'fp16':
+            # fp16: DeepSpeed's dynamic loss scaler skipped the step and lowered the scale (it starts high on
+            # purpose, so a run begins with several of these). Counted apart; DeepSpeed stops the run itself if the
+            # scale reaches its minimum. A non-finite loss is still a non-finite step (above).
+            self.state.loss_scale_skips += 1
+            self.log(f'step {self.state.step}: fp16 gradient overflow, skipped; loss scale now '
+                     f'{self._loss_scale():g}')
+        elif skipped:
             self._count_nonfinite('grad_norm')
         else:
             self._nonfinite_in_a_row = 0
@@ -233,6 +240,10 @@ class Trainer:
         for b in bufs:
             b.copy_(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
             offset += b.numel()
+
+    def _loss_scale(self) -> float:
+        """The current fp16 loss scale (1.0 in bf16 and fp32)."""
+        return float(getattr(self.engine.optimizer, 'loss_scale', None) or 1.0)
 
     def _count_nonfinite(self, what: str) -> None:
         self.state.nonfinite_total += 1
@@ -286,7 +297,8 @@ class Trainer:
             self.metrics.log(self.state.step, eval_result, prefix='eval')
             self.log(f'eval at step {self.state.step}: {eval_result}')
         summary = {'step': self.state.step, 'samples_seen': self.state.samples_seen,
-                   'nonfinite_total': self.state.nonfinite_total, 'last_checkpoint': self.last_checkpoint,
+                   'nonfinite_total': self.state.nonfinite_total, 'loss_scale_skips': self.state.loss_scale_skips,
+                   'last_checkpoint': self.last_checkpoint,
                    'eval': eval_result, 'world_size': self.world_size}
         if self.rank == 0:
             with open(os.path.join(self.out_dir, 'summary.json'), 'w') as f:
@@ -320,6 +332,8 @@ class Trainer:
             'nonfinite_total': self.state.nonfinite_total,
             'data_skips': self._data_skips(),
         }
+        if self.cfg.deepspeed.precision == 'fp16':
+            values.update(loss_scale=self._loss_scale(), loss_scale_skips=self.state.loss_scale_skips)
         self.metrics.log(step, values)
         self.metrics.progress(step, self.total_steps,
                               f'loss {values["loss"]["total"]:.4f} lr {values["lr"]:.3g} '
