@@ -249,17 +249,10 @@ def consolidated(step_dir: str, step: int) -> dict[str, torch.Tensor]:
 
 
 def ema_of(step_dir: str) -> dict[str, torch.Tensor]:
-    files = sorted(Path(step_dir).glob('ema_*.pt'))
-    states = [torch.load(f, weights_only=False) for f in files]
-    out = {}
-    for name in states[0]['shadow']:
-        if states[0]['partitioned'][name]:
-            full = torch.cat([s['shadow'][name] for s in states])
-        else:
-            full = states[0]['shadow'][name].reshape(-1)
-            assert all(torch.equal(s['shadow'][name], states[0]['shadow'][name]) for s in states), name
-        out[name] = full[:math.prod(states[0]['shapes'][name])]
-    return out
+    """The whole saved EMA of a checkpoint, merged from its rank files as export reads it."""
+    from pretrain.engine.checkpoint import average_files
+    from pretrain.engine.ema import merge_saved_states
+    return merge_saved_states([torch.load(f, weights_only=False) for f in average_files(step_dir, 'ema')])
 
 
 def losses(run_dir: Path) -> list[float]:

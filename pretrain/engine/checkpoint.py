@@ -243,8 +243,7 @@ class CheckpointManager:
         if self.rank == 0:
             import yaml
             _atomic_torch_save({'train_state': state.state_dict(), 'scheduler': scheduler.state_dict(),
-                                'world_size': self.world_size, 'config': config,
-                                'averages_partitioned': {k: any(v.partitioned.values()) for k, v in averages.items()}},
+                                'world_size': self.world_size, 'config': config},
                                os.path.join(step_dir, 'trainer.pt'))
             with open(os.path.join(step_dir, 'config.yaml'), 'w') as f:
                 yaml.safe_dump(config, f, sort_keys=False)
