@@ -5,8 +5,8 @@ The worker (this file's ``__main__`` under torchrun) builds a Trainer with ``zer
 gathers the initial parameters and buffers, trains 3 steps on fixed batches and gathers the final weights. Cases:
 InternImage loading an initial checkpoint (``model.checkpoint_path``), ConvNeXt V2 (timm initialises its weights
 with ``named_apply`` from the parent, which plain ``zero.Init`` skips), M3I (open_clip's text tower, whose
-``init_parameters`` also runs from the parent, plus the MIM decoder and teacher) and PeLK (a parameter shared by
-several modules).
+``init_parameters`` also runs from the parent, plus the MIM decoder and teacher), PeLK (a parameter shared by
+several modules) and InternImage with parameter offload (the partitions live in host memory).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ CASES = {
     'convnextv2': {'model': {'name': 'convnextv2_atto', 'num_classes': 200, 'drop_path_rate': 0.0,
                              'kwargs': {'dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1]}}},
     'm3i': {'model': TINY_MODEL, 'objective': M3I_OBJECTIVE},
+    'offload_param': {'model': TINY_MODEL, 'deepspeed': {'offload_param': 'cpu'}},  # partitions in host memory
     'pelk': {'model': {'name': 'pelk_t', 'num_classes': 200, 'drop_path_rate': 0.0,  # KPE shared by a stage's blocks
                        'kwargs': {'dims': [16, 32, 64, 128], 'depths': [1, 1, 2, 1]}}},
 }
@@ -49,7 +50,7 @@ def _config(case: str, out_dir: str, zero_init: bool, checkpoint: str | None):
         'optim': {'lr_base': 2e-3, 'layer_decay': 0.9},
         'schedule': {'total_steps': STEPS, 'warmup_steps': 1, 'lr_scale_by_batch': False},
         'deepspeed': {'zero_stage': 3, 'precision': 'bf16', 'micro_batch_size': MB, 'zero_init': zero_init,
-                      'stage3_param_persistence_threshold': 1000},
+                      'stage3_param_persistence_threshold': 1000, **spec.get('deepspeed', {})},
         'ema': {'enabled': True, 'decay': 0.5},
         'checkpoint': {'resume': 'none'},
         'logging': {'tensorboard': False, 'progress': False},
