@@ -211,6 +211,7 @@ class WebDatasetStream(IterableDataset):
         self.caption_required = tokenizer is not None if caption_required is None else caption_required
         self.filters = list(filters)
         self.epoch = epoch
+        self.epoch_consumed = 0  # see set_epoch
         self.drop_last = drop_last
         self.interleave_shards = interleave_shards
         self.samples_per_epoch = samples_per_epoch
@@ -237,9 +238,20 @@ class WebDatasetStream(IterableDataset):
             raise ValueError("all source weights are zero")
         return weights
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (shard order in epoch mode, shard draws in resampled mode) of the next ``iter()``."""
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        """Select the epoch (shard order in epoch mode, shard draws in resampled mode) of the next ``iter()``.
+
+        ``consumed`` (resampled mode with ``samples_per_epoch``): samples of this epoch, over all ranks, that a run at
+        another world size already trained on. The pass is then the rest of the epoch, ``samples_per_epoch -
+        consumed``, drawn afresh (the draws are also seeded by ``consumed``), so a resized run neither replays the
+        epoch's first draws nor moves its end. Epoch mode cannot cut a pass that way and raises."""
+        if consumed and (self.mode != "resampled" or self.samples_per_epoch is None):
+            raise ValueError("continuing an epoch after `consumed` samples needs resampled mode with samples_per_epoch"
+                             f" (mode {self.mode!r}, samples_per_epoch {self.samples_per_epoch})")
+        if consumed < 0:
+            raise ValueError(f"consumed must be >= 0, got {consumed}")
         self.epoch = epoch
+        self.epoch_consumed = consumed
 
     def __iter__(self) -> _WorkerIterator:
         info = get_worker_info()
@@ -255,12 +267,17 @@ class _WorkerIterator:
         self.worker_id = worker_id
         self.num_workers = num_workers
         self.epoch = ds.epoch
+        self.consumed = ds.epoch_consumed
         self.skips = SkipCounter()
         self._reset()
 
+    def _salt(self) -> tuple:
+        """Seed parts that tell a pass continuing an epoch at another world size from the epoch's own pass."""
+        return ("rest of epoch", self.consumed) if self.consumed else ()
+
     def _reset(self) -> None:
         ds = self.ds
-        self.rng = random.Random(_stable_seed("worker", ds.seed, self.epoch, ds.rank, self.worker_id))
+        self.rng = random.Random(_stable_seed("worker", ds.seed, self.epoch, ds.rank, self.worker_id, *self._salt()))
         self.plan: list[tuple[str, int, int, int, bool]] | None = None  # epoch mode only; built lazily
         self.next_segment = 0
         self.slots: list[_Slot] = []
@@ -269,7 +286,8 @@ class _WorkerIterator:
         self.failed_shards_in_a_row = 0
         self.limit = None
         if ds.mode == "resampled" and ds.samples_per_epoch is not None:
-            per_worker = -(-ds.samples_per_epoch // (ds.world_size * self.num_workers))
+            remaining = max(ds.samples_per_epoch - self.consumed, 0)
+            per_worker = -(-remaining // (ds.world_size * self.num_workers))
             self.limit = -(-per_worker // ds.batch_size) * ds.batch_size
 
     # ---- stage: shard plan -------------------------------------------------------------------------------------
@@ -340,7 +358,7 @@ class _WorkerIterator:
             raise SkipSample(MISSING_CAPTION)
         for sample_filter in ds.filters:
             sample_filter(fields)
-        aug_seed = _stable_seed("aug", ds.seed, self.epoch, ds.rank, self.worker_id, self.n_processed)
+        aug_seed = _stable_seed("aug", ds.seed, self.epoch, ds.rank, self.worker_id, self.n_processed, *self._salt())
         with _seeded_rngs(aug_seed):
             image = _apply_transform(ds.transform, fields["image"], ds.max_image_pixels)
         sample = {"image": image, "label": fields["label"], "key": raw["__key__"], "source": source.name}
@@ -357,6 +375,7 @@ class _WorkerIterator:
             "mode": ds.mode, "seed": ds.seed, "rank": ds.rank, "world_size": ds.world_size,
             "worker_id": self.worker_id, "num_workers": self.num_workers, "fingerprint": ds.fingerprint,
             "epoch": self.epoch,
+            "consumed": self.consumed,
             "next_segment": self.next_segment,
             "slots": [(s.url, s.source, s.start, s.stop, s.consumed, s.to_end, s.next_offset_bytes)
                       for s in self.slots],
@@ -380,6 +399,7 @@ class _WorkerIterator:
             if slot.reader is not None:
                 slot.reader.close()
         self.epoch = state["epoch"]
+        self.consumed = state.get("consumed", 0)
         self._reset()
         self.next_segment = state["next_segment"]
         self.slots = [_Slot(*slot) for slot in state["slots"]]
@@ -455,9 +475,15 @@ def _iterator_states(state: object) -> Iterator[dict]:
 class WebDatasetLoader(StatefulDataLoader):
     """StatefulDataLoader over a :class:`WebDatasetStream` with ``set_epoch``, ``skip_counts`` and a resume check."""
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch for the next ``iter(loader)`` (workers are not persistent, so they pick it up)."""
-        self.dataset.set_epoch(epoch)
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        """Select the epoch for the next ``iter(loader)`` (workers are not persistent, so they pick it up);
+        ``consumed``: see :meth:`WebDatasetStream.set_epoch`."""
+        self.dataset.set_epoch(epoch, consumed)
+
+    @property
+    def continues_epochs(self) -> bool:
+        """Whether ``set_epoch(e, consumed)`` can continue an epoch part-way (resampled mode with samples_per_epoch)."""
+        return self.dataset.mode == "resampled" and self.dataset.samples_per_epoch is not None
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples per reason in the current pass, over all workers, as of the latest batch received."""
@@ -477,7 +503,8 @@ class WebDatasetLoader(StatefulDataLoader):
         """The loader position: torchdata's state plus what must match on resume."""
         ds = self.dataset
         return {"stateful_dataloader": super().state_dict(),
-                "data_pipelines": {"version": STATE_VERSION, "epoch": ds.epoch, "num_workers": self.num_workers,
+                "data_pipelines": {"version": STATE_VERSION, "epoch": ds.epoch, "epoch_consumed": ds.epoch_consumed,
+                                   "num_workers": self.num_workers,
                                    "rank": ds.rank, "world_size": ds.world_size, "seed": ds.seed,
                                    "mode": ds.mode, "fingerprint": ds.fingerprint}}
 
@@ -491,7 +518,7 @@ class WebDatasetLoader(StatefulDataLoader):
         if mismatched:
             raise ValueError(f"cannot resume the data loader exactly; saved vs current: {mismatched} "
                              f"(keep the sources, seed, mode, ranks and num_workers of the saved run)")
-        ds.set_epoch(saved["epoch"])
+        ds.set_epoch(saved["epoch"], saved.get("epoch_consumed", 0))
         super().load_state_dict(state["stateful_dataloader"])
 
 

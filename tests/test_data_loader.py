@@ -317,6 +317,32 @@ def test_resumed_loader_goes_on_to_the_next_epoch(cc12m_dir):
     assert keys_of(collect(resumed)) == epoch1
 
 
+def test_resampled_epoch_continues_after_samples_another_world_size_consumed(mnist_dir):
+    """``set_epoch(e, consumed=c)``, the resume of a resampled run at another world size: the pass is the rest of the
+    epoch (samples_per_epoch - c over all ranks), drawn afresh rather than replaying the epoch's first draws, and it
+    resumes exactly mid-pass like any other."""
+    source = SourceSpec("mnist", os.path.join(mnist_dir, "mnist-{000000..000002}.tar"))
+
+    def make_loader(consumed: int = 0, world_size: int = 1):
+        loader = build_loader(source, batch_size=4, num_workers=0, mode="resampled", seed=5, samples_per_epoch=48,
+                              world_size=world_size, transform=SMALL)
+        loader.set_epoch(0, consumed)
+        return loader
+
+    whole = keys_of(collect(make_loader()))
+    assert len(whole) == 48
+    rest = keys_of(collect(make_loader(consumed=32)))
+    assert len(rest) == 16 and rest != whole[:16]  # the rest of the epoch, not its beginning again
+    assert len(keys_of(collect(make_loader(32, 2)))) == 8  # rank 0's share at 2 ranks
+    assert collect(make_loader(consumed=48)) == []  # nothing left: the trainer rolls over to the next epoch
+    _resume_matches(lambda: make_loader(consumed=20), 2, None)  # 28 left: 7 batches, stop after 2
+    later = make_loader(consumed=20)
+    later.set_epoch(1)  # the next epoch is whole again
+    assert len(keys_of(collect(later))) == 48
+    with pytest.raises(ValueError, match="needs resampled mode with samples_per_epoch"):
+        build_loader(source, batch_size=4, num_workers=0, mode="epoch", transform=SMALL).set_epoch(0, 8)
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_resume_seeks_to_the_saved_byte_offset(cc12m_dir, tmp_path):

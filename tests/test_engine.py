@@ -488,6 +488,30 @@ def test_resume_on_one_rank_from_two_rank_checkpoint(shards, uninterrupted, tmp_
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_resampled_epoch_goes_on_at_another_world_size(shards, tmp_path):
+    """Resampled mode, 48 samples per epoch, ZeRO-2. 2 ranks x 4 images train 2 steps (16 samples), then the run
+    resumes on 1 rank (global batch 4) through the universal checkpoint. The rest of epoch 0 is 32 samples, i.e.
+    8 steps, so epoch 1 begins at step 11; restarting the epoch would have put it at step 15."""
+    run = tmp_path / 'run'
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, run, data={'mode': 'resampled', 'samples_per_epoch': 48},
+                       schedule={'total_steps': 12, 'warmup_steps': 2},
+                       checkpoint={'interval_steps': 2, 'keep_last': 2})
+    run_procs(2, ['-m', 'pretrain', 'train', str(cfg), 'run.stop_after_steps=2'])
+    out = run_procs(1, ['-m', 'pretrain', 'train', str(cfg)])
+    assert '(universal)' in out and 'epoch 0 goes on with fresh draws after its 16 samples already seen' in out
+    rows = [r for r in map(json.loads, (run / 'metrics.jsonl').read_text().splitlines()) if r['split'] == 'train']
+    epochs = {r['step']: r['epoch'] for r in rows}
+    assert [epochs[s] for s in range(1, 13)] == [0] * 10 + [1] * 2
+    assert rows[-1]['samples_seen'] == 16 + 10 * 4
+    # ZeRO-2 through the universal checkpoint (ds_to_universal needs --inject_missing_state for ZeRO 1/2 saves):
+    # Adam's step count went on from 2 (a fresh optimizer would be at 10 by step 12)
+    optim_file, = (run / 'checkpoints' / 'step_00000012' / 'global_step12').glob('*optim_states.pt')
+    state = torch.load(optim_file, weights_only=False)['optimizer_state_dict']['base_optimizer_state']['state']
+    assert {float(v['step']) for v in state.values()} == {12.0}
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_nonfinite_steps_are_skipped_then_stop_names_step_and_checkpoint(shards, tmp_path):
     """An absurd learning rate makes the weights overflow after the first steps: non-finite steps are skipped and
     counted, and after 2 in a row the run stops with exit status 3 and an error naming the step and the last good

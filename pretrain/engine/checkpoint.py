@@ -51,17 +51,19 @@ class TrainState:
     step: int = 0  # optimizer steps done
     samples_seen: int = 0  # images consumed over all ranks (including dropped non-finite micro-batches)
     epoch: int = 0
+    epoch_samples: int = 0  # of samples_seen, those of the current epoch (to continue it at another world size)
     nonfinite_total: int = 0
     loss_scale_skips: int = 0  # fp16 steps the dynamic loss scaler skipped (gradient overflow)
     extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return dict(step=self.step, samples_seen=self.samples_seen, epoch=self.epoch,
+        return dict(step=self.step, samples_seen=self.samples_seen, epoch=self.epoch, epoch_samples=self.epoch_samples,
                     nonfinite_total=self.nonfinite_total, loss_scale_skips=self.loss_scale_skips,
                     extra=dict(self.extra))
 
     def load_state_dict(self, s: dict) -> None:
         self.step, self.samples_seen, self.epoch = int(s['step']), int(s['samples_seen']), int(s['epoch'])
+        self.epoch_samples = int(s.get('epoch_samples', 0))
         self.nonfinite_total = int(s.get('nonfinite_total', 0))
         self.loss_scale_skips = int(s.get('loss_scale_skips', 0))
         self.extra = dict(s.get('extra', {}))
@@ -209,8 +211,11 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             self.log(f'converting {src} ({plan.saved_world_size} ranks) to a universal checkpoint for '
                      f'{self.world_size} ranks')
+            # --inject_missing_state: ZeRO 1/2 saves carry no universal_checkpoint_info unless the model sets one
+            # (Megatron's tensor-parallel patterns); ours is data-parallel only, so the bare version is the right one.
             cmd = [sys.executable, '-m', 'deepspeed.checkpoint.ds_to_universal', '--input_folder', src,
-                   '--output_folder', tmp, '--num_extract_workers', '1', '--num_merge_workers', '1']
+                   '--output_folder', tmp, '--num_extract_workers', '1', '--num_merge_workers', '1',
+                   '--inject_missing_state']
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 raise RuntimeError(f'ds_to_universal failed ({res.returncode}):\n{res.stdout[-3000:]}\n'
@@ -318,10 +323,16 @@ class CheckpointManager:
                 loader.load_state_dict(mine['loader'])
             set_rng_state(mine['rng'])
         else:
-            report['not_restored'] += ['data loader position (restarts the saved epoch)',
-                                       'RNG states (reseeded from seed, step and rank)']
-            if loader is not None:
-                loader.set_epoch(state.epoch)
+            report['not_restored'].append('RNG states (reseeded from seed, step and rank)')
+            if loader is not None and getattr(loader, 'continues_epochs', False) and state.epoch_samples:
+                # resampled with samples_per_epoch: the rest of the epoch, drawn afresh, so it ends where it would
+                loader.set_epoch(state.epoch, consumed=state.epoch_samples)
+                report['not_restored'].insert(0, f'data loader position (epoch {state.epoch} goes on with fresh '
+                                                 f'draws after its {state.epoch_samples} samples already seen)')
+            else:
+                report['not_restored'].insert(0, 'data loader position (restarts the saved epoch)')
+                if loader is not None:
+                    loader.set_epoch(state.epoch)
         for name, avg in averages.items():
             if avg is None:
                 continue

@@ -82,5 +82,6 @@ class BatchStream:
                 return batch
             self._it = None  # some rank's pass is over: everyone starts the next epoch
             self.state.epoch += 1
+            self.state.epoch_samples = 0
             self.loader.set_epoch(self.state.epoch)
         raise RuntimeError(f'epoch {self.state.epoch}: the data loader yields no batch on some rank')

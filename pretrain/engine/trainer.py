@@ -187,6 +187,7 @@ class Trainer:
             batch = next_micro_batch()
             consumed += 1
             self.state.samples_seen += batch['image'].shape[0] * self.world_size
+            self.state.epoch_samples += batch['image'].shape[0] * self.world_size
             loss, parts = self.objective.loss(batch, self.state.step, consumed - 1)
             if edist.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
                 dropped += 1
