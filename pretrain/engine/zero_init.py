@@ -63,9 +63,8 @@ def build_partitioned(build_fn: Callable[[], nn.Module], ds_config: dict, *, ran
         for name, p in params:
             if not hasattr(p, 'ds_id'):  # DeepSpeed's engine partitions these later (from rank 0's values)
                 p.data = _broadcast_from_0(p.data, ref_params.get(name), device)
-        for key, buf in list(module._buffers.items()):
-            if buf is not None:
-                module._buffers[key] = _broadcast_from_0(buf, ref_buffers.get(dot + key), device)
+        for key, buf in module.named_buffers(recurse=False):
+            buf.data = _broadcast_from_0(buf.data, ref_buffers.get(dot + key), device)
     if hasattr(reference, 'load_report'):
         model.load_report = reference.load_report
     del reference
