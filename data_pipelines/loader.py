@@ -245,13 +245,18 @@ class WebDatasetStream(IterableDataset):
         another world size already trained on. The pass is then the rest of the epoch, ``samples_per_epoch -
         consumed``, drawn afresh (the draws are also seeded by ``consumed``), so a resized run neither replays the
         epoch's first draws nor moves its end. Epoch mode cannot cut a pass that way and raises."""
-        if consumed and (self.mode != "resampled" or self.samples_per_epoch is None):
+        if consumed and not self.continues_epochs:
             raise ValueError("continuing an epoch after `consumed` samples needs resampled mode with samples_per_epoch"
                              f" (mode {self.mode!r}, samples_per_epoch {self.samples_per_epoch})")
         if consumed < 0:
             raise ValueError(f"consumed must be >= 0, got {consumed}")
         self.epoch = epoch
         self.epoch_consumed = consumed
+
+    @property
+    def continues_epochs(self) -> bool:
+        """Whether ``set_epoch(e, consumed)`` can continue an epoch part-way (resampled mode with samples_per_epoch)."""
+        return self.mode == "resampled" and self.samples_per_epoch is not None
 
     def __iter__(self) -> _WorkerIterator:
         info = get_worker_info()
@@ -482,8 +487,8 @@ class WebDatasetLoader(StatefulDataLoader):
 
     @property
     def continues_epochs(self) -> bool:
-        """Whether ``set_epoch(e, consumed)`` can continue an epoch part-way (resampled mode with samples_per_epoch)."""
-        return self.dataset.mode == "resampled" and self.dataset.samples_per_epoch is not None
+        """See :attr:`WebDatasetStream.continues_epochs`."""
+        return self.dataset.continues_epochs
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples per reason in the current pass, over all workers, as of the latest batch received."""
