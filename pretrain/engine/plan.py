@@ -171,7 +171,7 @@ def plan(cfg, *, world_size: int, gpu_mem_gib: float, reserve_gib: float = 2.0, 
         # on rank 0 only, as the reference; the partitions are on the GPU then, or on the host with parameter offload.
         'build_host_gib': {'rank0': 4 * num_params / GiB, 'other_ranks': (
             4 * num_params / GiB if not ds.zero_init else 0.0 if ds.offload_param == 'none'
-            else (4 if ds.precision == 'fp32' else 2) * num_params / world_size / GiB)},
+            else model_state_bytes(num_params, stage=3, world_size=world_size, precision=ds.precision).params / GiB)},
         'zero_init': ds.zero_init,
     }
 

@@ -95,6 +95,8 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
+        if cfg.deepspeed.precision == 'fp16' and not torch.cuda.is_available():
+            raise ValueError('deepspeed.precision: fp16 needs a GPU (DeepSpeed\'s CPU accelerator runs bf16 and fp32)')
 
         self.global_batch_size = cfg.global_batch_size(self.world_size)
         self.total_steps, self.steps_per_epoch, warmup = total_steps_of(cfg, self.world_size)
@@ -130,8 +132,6 @@ class Trainer:
             g.pop('param_names')
         import deepspeed
 
-        if cfg.deepspeed.precision == 'fp16' and not torch.cuda.is_available():
-            raise ValueError('deepspeed.precision: fp16 needs a GPU (DeepSpeed\'s CPU accelerator runs bf16 and fp32)')
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                                                  config=self.ds_config, dist_init_required=False)
         self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[cfg.deepspeed.precision]
@@ -186,8 +186,9 @@ class Trainer:
         while True:
             batch = next_micro_batch()
             consumed += 1
-            self.state.samples_seen += batch['image'].shape[0] * self.world_size
-            self.state.epoch_samples += batch['image'].shape[0] * self.world_size
+            images = batch['image'].shape[0] * self.world_size
+            self.state.samples_seen += images
+            self.state.epoch_samples += images
             loss, parts = self.objective.loss(batch, self.state.step, consumed - 1)
             if edist.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
                 dropped += 1
