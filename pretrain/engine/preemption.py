@@ -74,16 +74,9 @@ def reset() -> None:
 def agreed() -> bool:
     """Collective: True on every rank when any rank got the signal (all-reduce MAX); without a process group, the
     local flag. Every rank must call it at the same step boundary."""
-    import torch
-    import torch.distributed as dist
+    from pretrain.engine import dist as edist
 
-    mine = 1.0 if requested() else 0.0
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return mine > 0
-    device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
-    t = torch.tensor([mine], dtype=torch.float32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() > 0
+    return edist.all_reduce_max(1.0 if requested() else 0.0) > 0
 
 
 def restart_count() -> int:
@@ -95,11 +88,9 @@ def requeue_and_exit(rank: int, max_requeues: int, log=print) -> None:
     """After the collective save: rank 0 asks Slurm to requeue the job (when under Slurm and below the limit);
     barriers on both sides so no rank exits (and makes srun kill the others) before the request is in. Exits with
     :data:`REQUEUE_EXIT_CODE` on every rank; outside Slurm the caller (the local runner) restarts the stage."""
-    import torch.distributed as dist
+    from pretrain.engine import dist as edist
 
-    group = dist.is_available() and dist.is_initialized()
-    if group:
-        dist.barrier()
+    edist.barrier()
     job = os.environ.get('SLURM_JOB_ID')
     if rank == 0 and job:
         if restart_count() >= max_requeues:
@@ -107,8 +98,7 @@ def requeue_and_exit(rank: int, max_requeues: int, log=print) -> None:
         else:
             r = subprocess.run(['scontrol', 'requeue', job], capture_output=True, text=True, timeout=60)
             log(f'scontrol requeue {job}: {"ok" if r.returncode == 0 else r.stderr.strip()}')
-    if group:
-        dist.barrier()
+    edist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(REQUEUE_EXIT_CODE)  # not sys.exit: background threads (loader workers, DeepSpeed) must not hold us
