@@ -359,6 +359,8 @@ class InternImage(nn.Module):
     ``forward_head`` pools and classifies.
     """
 
+    block_layout = 'NHWC'  # its blocks take channels-last input (pretrain.objectives.masking.block_layout)
+
     def __init__(
             self,
             core_op: str = 'DCNv3',

@@ -229,6 +229,8 @@ class PeLK(nn.Module):
     (0: none); ``head_init_scale`` multiplies the initial classifier weights.
     """
 
+    block_layout = 'NHWC'  # its blocks take channels-last input (pretrain.objectives.masking.block_layout)
+
     def __init__(
             self,
             in_chans: int = 3,

@@ -61,14 +61,9 @@ def apply_visible(x: torch.Tensor, mask: torch.Tensor, layout: str) -> torch.Ten
 
 
 def block_layout(model: nn.Module) -> str:
-    """Where a block's input keeps its spatial dims: InternImage blocks run channels-last (NHWC), timm stage models
-    (ConvNeXt) channels-first; a model may say so itself with a ``block_layout`` attribute."""
-    from pretrain.models.internimage import InternImage
-
-    own = getattr(model, 'block_layout', None)
-    if own is not None:
-        return own
-    return 'NHWC' if isinstance(model, InternImage) else 'NCHW'
+    """Where a block's input keeps its spatial dims: a model whose blocks run channels-last says so with a
+    ``block_layout = 'NHWC'`` attribute (InternImage, PeLK); timm stage models (ConvNeXt) are channels-first."""
+    return getattr(model, 'block_layout', 'NCHW')
 
 
 def _masking_hook(mask: torch.Tensor, layout: str):
@@ -108,7 +103,8 @@ def dense_masking(model: nn.Module, mask: torch.Tensor):
     from pretrain.models.factory import checkpointable_blocks
 
     blocks = checkpointable_blocks(model)
-    handles = [blk.register_forward_pre_hook(_masking_hook(mask, block_layout(model))) for blk in blocks]
+    layout = block_layout(model)
+    handles = [blk.register_forward_pre_hook(_masking_hook(mask, layout)) for blk in blocks]
     for blk in blocks:
         if _grns(blk):
             blk.checkpoint_context_fn = lambda blk=blk: (contextlib.nullcontext(), visible_grn(blk, mask))
