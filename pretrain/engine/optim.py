@@ -68,6 +68,13 @@ def build_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: fl
     return [groups[k] for k in sorted(groups)]
 
 
+def cosine_between(step: int, total_steps: int, start: float, end: float) -> float:
+    """Half a cosine from ``start`` at step 0 to ``end`` at ``total_steps`` (clamped outside): the lr decay, the MIM
+    teacher's EMA decay ramp and the sparsity prune rate."""
+    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
+
+
 def scaled_lr(lr: float, global_batch_size: int, base_batch_size: int, enabled: bool = True) -> float:
     """Linear scaling rule: ``lr * global_batch_size / base_batch_size`` (official InternImage: base 512)."""
     return lr * global_batch_size / base_batch_size if enabled else lr
@@ -89,9 +96,7 @@ class CosineWarmupSchedule:
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr_warmup_init + (self.lr_peak - self.lr_warmup_init) * step / self.warmup_steps
-        span = max(self.total_steps - self.warmup_steps, 1)
-        t = min(max(step - self.warmup_steps, 0) / span, 1.0)
-        return self.lr_min + 0.5 * (self.lr_peak - self.lr_min) * (1 + math.cos(math.pi * t))
+        return cosine_between(step - self.warmup_steps, self.total_steps - self.warmup_steps, self.lr_peak, self.lr_min)
 
     def step_to(self, step: int, param_groups: list[dict]) -> float:
         lr = self.lr_at(step)

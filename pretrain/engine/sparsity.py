@@ -39,6 +39,7 @@ import re
 import torch
 
 from pretrain.config import SparsityConfig
+from pretrain.engine.optim import cosine_between
 
 __all__ = ['SparsityConfig', 'DynamicSparsity', 'layer_densities', 'prune_and_grow', 'prune_rate_at']
 
@@ -65,8 +66,7 @@ def layer_densities(shapes: dict[str, tuple[int, ...]], density: float, init: st
 
 def prune_rate_at(cfg: SparsityConfig, step: int, total_steps: int) -> float:
     """Cosine decay from ``prune_rate`` at step 0 to ``prune_rate_min`` at ``total_steps``."""
-    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    return cfg.prune_rate_min + 0.5 * (cfg.prune_rate - cfg.prune_rate_min) * (1 + math.cos(math.pi * t))
+    return cosine_between(step, total_steps, cfg.prune_rate, cfg.prune_rate_min)
 
 
 def prune_and_grow(mask: torch.Tensor, weight: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:

@@ -25,14 +25,13 @@ mask ratio (all configurable here, defaults documented in docs/OBJECTIVES.md).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ObjectiveConfig
+from pretrain.engine.optim import cosine_between
 from pretrain.objectives.contrastive import LogitScale, build_text_tower, contrastive_loss
 from pretrain.objectives.fcmae import fcmae_loss
 from pretrain.objectives.masking import MaskedDecoder, dense_masking, masked_mean, normalized, upsample_mask
@@ -170,5 +169,4 @@ def _tokenizer_vocab_size(name: str) -> int:
 
 def teacher_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
     """Cosine ramp of the teacher EMA decay from ``start`` (step 0) to ``end`` (last step), as BYOL / SiameseIM."""
-    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    return end - (end - start) * (math.cos(math.pi * t) + 1) / 2
+    return cosine_between(step, total_steps, start, end)
