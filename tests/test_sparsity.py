@@ -83,7 +83,7 @@ def _worker(out_dir: str) -> None:
     labels = torch.randint(0, 10, (steps, world * mb), generator=gen)
     results = {}
 
-    def make_trainer(stage, precision, name):
+    def make_trainer(stage, precision, name, ema=False):
         return Trainer(config_from_dict({
             'model': TINY_PELK,
             'data': {'train': [{'name': 'unused', 'urls': 'unused.tar'}], 'img_size': 32},
@@ -91,7 +91,7 @@ def _worker(out_dir: str) -> None:
             'schedule': {'total_steps': 20, 'warmup_steps': 0, 'lr_scale_by_batch': False},
             'deepspeed': {'zero_stage': stage, 'precision': precision, 'micro_batch_size': mb,
                           'stage3_param_persistence_threshold': 100},
-            'ema': {'enabled': False},
+            'ema': {'enabled': ema, 'decay': 0.5, 'warmup': False},
             'checkpoint': {'resume': 'none'},
             'logging': {'tensorboard': False, 'progress': False},
             'run': {'output_dir': os.path.join(out_dir, name), 'seed': 0},
@@ -102,7 +102,7 @@ def _worker(out_dir: str) -> None:
                 'key': [''] * mb}
 
     for stage, precision in SETUPS:
-        trainer = make_trainer(stage, precision, f'run_{stage}_{precision}')
+        trainer = make_trainer(stage, precision, f'run_{stage}_{precision}', ema=True)
         sparse = DynamicSparsity(SparsityConfig(enabled=True, sparsity=0.4, update_interval_steps=2, prune_rate=0.3),
                                  trainer)
         trainer.callbacks.append(sparse)
@@ -110,12 +110,18 @@ def _worker(out_dir: str) -> None:
         optimizer = trainer.engine.optimizer
         counts = {n: int(m.sum()) for n, m in sparse.masks.items()}
         found = {'masked_nonzero_fp32': 0, 'masked_nonzero_module': 0, 'regrown_moment_nonzero': 0, 'regrown': 0,
-                 'count_changes': 0, 'rank_disagreements': 0, 'steps_with_new_masks': [], 'losses': [],
+                 'count_changes': 0, 'rank_disagreements': 0, 'ema_saw_unmasked': 0, 'steps_with_new_masks': [],
+                 'losses': [],
                  'density': sparse.density(), 'branch': _branch(next(iter(params.values())), optimizer)}
 
         for s in range(steps):
             before = {n: m.clone() for n, m in sparse.masks.items()}
+            ema_before = trainer.ema.full_state_dict()
             res = trainer.train_step(lambda s=s: batch(s))
+            ema_after = trainer.ema.full_state_dict()
+            for n, m in sparse.masks.items():  # the EMA averaged the masked weights (0): it halved there (decay 0.5)
+                found['ema_saw_unmasked'] += int((ema_after[n].view(m.shape)[~m]
+                                                  != 0.5 * ema_before[n].view(m.shape)[~m]).sum())
             found['losses'].append(res.loss)
             fp32, module = _snapshot(params, stage, optimizer)
             for n, m in sparse.masks.items():
@@ -194,7 +200,8 @@ def _branch(p, optimizer=None) -> str:
 def test_callback_holds_masks_in_master_and_module_weights_for_every_zero_stage(tmp_path):
     """2 ranks: after every step the masked positions are exactly zero in the fp32 master weights (read back through
     DeepSpeed) and in the module's own weights; per-layer counts never change; prune and grow runs at steps 2 and 4,
-    regrown positions have zero Adam moments; both ranks hold the same masks; the masks come back from the state.
+    regrown positions have zero Adam moments; both ranks hold the same masks; the masks come back from the state;
+    the EMA (decay 0.5) is updated after the masks are applied, so at masked positions it halves every step.
     Also: without the callback, the tiny PeLK's fp32 weights after 3 steps under ZeRO-3 equal ZeRO-0's."""
     run_procs(2, [str(Path(__file__).resolve()), str(tmp_path)], timeout=600)
     results = json.loads((tmp_path / 'results.json').read_text())
@@ -207,7 +214,7 @@ def test_callback_holds_masks_in_master_and_module_weights_for_every_zero_stage(
         assert r['steps_with_new_masks'] == [2, 4], key
         assert r['regrown'] > 0 and r['updates'] == 2, key
         for check in ('masked_nonzero_fp32', 'masked_nonzero_module', 'regrown_moment_nonzero', 'count_changes',
-                      'rank_disagreements'):
+                      'rank_disagreements', 'ema_saw_unmasked'):
             assert r[check] == 0, f'{key}: {check} = {r[check]}'
         assert r['restored_equal'], key
         assert all(math.isfinite(v) for v in r['losses']) and r['losses'][0] != r['losses'][-1], key

@@ -1,7 +1,8 @@
 """The training loop on DeepSpeed, for any objective (pretrain/objectives: supervised classification or M3I).
 
 ``Trainer(cfg).train()`` runs a whole stage: resume from the newest complete checkpoint, then per optimizer step
-``lr -> micro-batches (objective loss, backward) -> step -> EMA, teacher -> callbacks -> log -> eval -> checkpoint``.
+``lr -> micro-batches (objective loss, backward) -> step -> callbacks (sparsity masks) -> EMA, teacher -> log
+-> eval -> checkpoint``.
 Components live in their own files (optim, ema, checkpoint, metrics, data, dist, ds_config, the objective steps);
 this file only wires them.
 """
@@ -217,12 +218,13 @@ class Trainer:
             self._count_nonfinite('grad_norm')
         else:
             self._nonfinite_in_a_row = 0
-            if self.ema is not None and (self.state.step + 1) % self.cfg.ema.every_steps == 0:
-                self.ema.update()
-            self.objective.after_step(self.state.step + 1)
         self.state.step += 1
-        for cb in self.callbacks:
-            cb.after_step(self)
+        for cb in self.callbacks:  # before the averages, which must see what the callbacks made of the weights
+            cb.after_step(self)     # (the sparsity masks: SLaK updates its EMA after applying them)
+        if not skipped:
+            if self.ema is not None and self.state.step % self.cfg.ema.every_steps == 0:
+                self.ema.update()
+            self.objective.after_step(self.state.step)
         n = max(len(losses), 1)
         return StepResult(sum(losses) / len(losses) if losses else float('nan'), grad_norm, skipped, consumed, dropped,
                           {k: v / n for k, v in parts_sum.items()})
