@@ -305,3 +305,25 @@ def test_conv2d_copies_misaligned_weights_and_keeps_gradients():
     out.sum().backward()
     ref(x).sum().backward()
     torch.testing.assert_close(flat.grad[1:1 + conv.weight.numel()].view_as(ref.weight), ref.weight.grad)
+
+
+def test_align_convolutions_turns_every_conv_aligned_without_changing_keys_or_outputs():
+    """The trainer's one call covers convolutions whoever built them (InternImage, timm's ConvNeXt, decoders)."""
+    import timm
+
+    from pretrain.models import create_backbone
+    from pretrain.ops.modules import Conv2d, align_convolutions
+
+    torch.manual_seed(0)
+    for model in (create_backbone('internimage_t', channels=16, depths=(1, 1, 1, 1), groups=(1, 2, 4, 8),
+                                  num_classes=10, core_op='DCNv3_pytorch'),
+                  timm.create_model('convnextv2_atto', num_classes=10)):
+        model.eval()
+        x = torch.randn(1, 3, 64, 64)
+        keys, before = list(model.state_dict()), model(x)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert align_convolutions(model) == len(convs) > 0
+        assert all(type(m) is Conv2d for m in convs)
+        assert list(model.state_dict()) == keys
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        assert align_convolutions(model) == 0  # already aligned

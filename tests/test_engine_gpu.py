@@ -13,10 +13,10 @@ state has CUDA's.
 
 ``test_supervised_bf16_trains_and_resumes_on_one_gpu[3]`` is the regression test for ZeRO-3 on an H100 failing in
 the first forward with cuDNN's "misaligned address" in ``dcn.dw_conv.0`` (docs/ENGINE.md, "Not done yet"): ZeRO-3
-hands modules views into one flat buffer, and ``pretrain.ops.modules.Conv2d`` now copies a weight that is not 16-byte
-aligned for the call. This tiny model under ZeRO-3 bf16 with the default persistence threshold does give Conv2d
-misaligned weights (the depthwise ``dw_conv.0`` of levels 1-3 among them; counted once on CPU, where DeepSpeed
-packs the same way).
+hands modules views into one flat buffer, and the trainer now makes every convolution a
+``pretrain.ops.modules.Conv2d``, which copies a weight that is not 16-byte aligned for the call. This tiny model
+under ZeRO-3 bf16 with the default persistence threshold does give Conv2d misaligned weights (the depthwise
+``dw_conv.0`` of levels 1-3 among them; counted once on CPU, where DeepSpeed packs the same way).
 """
 from __future__ import annotations
 

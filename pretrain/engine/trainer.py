@@ -27,6 +27,7 @@ from pretrain.engine.ds_config import build_deepspeed_config
 from pretrain.engine.ema import EMA
 from pretrain.engine.metrics import MetricsLogger, peak_memory_mib
 from pretrain.engine.optim import CosineWarmupSchedule, build_param_groups, describe_groups, scaled_lr
+from pretrain.ops.modules import align_convolutions
 
 __all__ = ['Trainer', 'NonFiniteError', 'StepResult', 'build_model', 'total_steps_of']
 
@@ -124,6 +125,7 @@ class Trainer:
             model = build_partitioned(lambda: build_model(cfg), self.ds_config, rank=self.rank, device=self.device)
         else:
             model = build_model(cfg)
+        align_convolutions(model)  # DeepSpeed's flat buffers can hand cuDNN misaligned weights
         if getattr(model, 'load_report', None) is not None:
             self.log(f'initial weights from {cfg.model.checkpoint_path}:\n{model.load_report}')
         groups = build_param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay,

@@ -29,7 +29,6 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from pretrain.ops import CORE_OPS, DCNv3, build_act_layer, build_norm_layer
-from pretrain.ops.modules import Conv2d
 
 __all__ = ['InternImage', 'CORE_OP_BACKENDS', 'checkpoint_filter_fn']
 
@@ -56,10 +55,10 @@ class StemLayer(nn.Module):
 
     def __init__(self, in_chans: int = 3, out_chans: int = 96, act_layer: str = 'GELU', norm_layer: str = 'BN'):
         super().__init__()
-        self.conv1 = Conv2d(in_chans, out_chans // 2, kernel_size=3, stride=2, padding=1)
+        self.conv1 = nn.Conv2d(in_chans, out_chans // 2, kernel_size=3, stride=2, padding=1)
         self.norm1 = build_norm_layer(out_chans // 2, norm_layer, 'channels_first', 'channels_first')
         self.act = build_act_layer(act_layer)
-        self.conv2 = Conv2d(out_chans // 2, out_chans, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(out_chans // 2, out_chans, kernel_size=3, stride=2, padding=1)
         self.norm2 = build_norm_layer(out_chans, norm_layer, 'channels_first', 'channels_last')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +74,7 @@ class DownsampleLayer(nn.Module):
 
     def __init__(self, channels: int, norm_layer: str = 'LN'):
         super().__init__()
-        self.conv = Conv2d(channels, 2 * channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv = nn.Conv2d(channels, 2 * channels, kernel_size=3, stride=2, padding=1, bias=False)
         self.norm = build_norm_layer(2 * channels, norm_layer, 'channels_first', 'channels_last')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -450,7 +449,7 @@ class InternImage(nn.Module):
         if not use_clip_projector:
             self.head_hidden_size = int(self.num_features * cls_scale)
             self.conv_head = nn.Sequential(
-                Conv2d(self.num_features, self.head_hidden_size, kernel_size=1, bias=False),
+                nn.Conv2d(self.num_features, self.head_hidden_size, kernel_size=1, bias=False),
                 build_norm_layer(self.head_hidden_size, 'BN', 'channels_first', 'channels_first'),
                 build_act_layer(act_layer),
             )
@@ -458,10 +457,10 @@ class InternImage(nn.Module):
         else:
             self.head_hidden_size = CLIP_EMBED_DIM
             self.dcnv3_head_x4 = nn.Sequential(
-                Conv2d(self.num_features, CLIP_PRETRAIN_EMBED_DIM * CLIP_UPSAMPLE_STRIDE ** 2, kernel_size=1),
+                nn.Conv2d(self.num_features, CLIP_PRETRAIN_EMBED_DIM * CLIP_UPSAMPLE_STRIDE ** 2, kernel_size=1),
                 nn.PixelShuffle(CLIP_UPSAMPLE_STRIDE),
             )
-            self.dcnv3_head_x3 = Conv2d(self.num_features // 2, CLIP_PRETRAIN_EMBED_DIM, kernel_size=1)
+            self.dcnv3_head_x3 = nn.Conv2d(self.num_features // 2, CLIP_PRETRAIN_EMBED_DIM, kernel_size=1)
             self.clip_projector = AttentionPoolingBlock(
                 dim=CLIP_PRETRAIN_EMBED_DIM, num_heads=CLIP_ATTNPOOL_NUM_HEADS, qkv_bias=True, qk_scale=None,
                 drop=0.0, attn_drop=0.0, norm_layer=norm_layer, out_dim=CLIP_EMBED_DIM)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pretrain.ops.modules import aligned
+
 __all__ = ['IMPLS', 'dwconv2d', 'dwconv2d_native', 'dwconv2d_fft', 'choose_impl', 'crop_kernel', 'fft_size']
 
 IMPLS = ('auto', 'native', 'fft')
@@ -64,8 +66,8 @@ def dwconv2d_native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if x.device.type == 'cpu' and dtype in _REDUCED:
         x, w, bias = x.float(), w.float(), bias.float() if bias is not None else None
     x = x.contiguous(memory_format=torch.channels_last)
-    w = w.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, w, bias, padding=(w.shape[-2] // 2, w.shape[-1] // 2), groups=x.shape[1]).to(dtype)
+    w = aligned(w.contiguous(memory_format=torch.channels_last))  # ZeRO-3 views (pretrain.ops.modules.Conv2d)
+    return F.conv2d(x, w, aligned(bias), padding=(w.shape[-2] // 2, w.shape[-1] // 2), groups=x.shape[1]).to(dtype)
 
 
 def fft_size(n: int) -> int:

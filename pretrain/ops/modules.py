@@ -65,7 +65,7 @@ def build_act_layer(act_layer: str) -> nn.Module:
 ALIGN_BYTES = 16
 
 
-def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+def aligned(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` itself, or a copy (autograd flows back through it) when its data is not ``ALIGN_BYTES``-aligned."""
     if t is None or t.data_ptr() % ALIGN_BYTES == 0:
         return t
@@ -78,10 +78,23 @@ class Conv2d(nn.Conv2d):
     Under ZeRO-3 a gathered parameter is a view into one flat buffer, so a tensor whose predecessors have odd sizes
     starts at an address cuDNN's vectorised kernels cannot read ("misaligned address" / "unable to find an engine";
     the same packing broke TransformerEngine's LayerNorm, NVIDIA/TransformerEngine#490). A misaligned weight or bias
-    is copied for the call; aligned ones (every other case) pass through untouched. Not yet confirmed on a GPU."""
+    is copied for the call; aligned ones (every other case) pass through untouched. Not yet confirmed on a GPU.
+    The trainer turns every ``nn.Conv2d`` of the model it trains into one (:func:`align_convolutions`)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return super()._conv_forward(input, _aligned(weight), _aligned(bias))
+        return super()._conv_forward(input, aligned(weight), aligned(bias))
+
+
+def align_convolutions(model: nn.Module) -> int:
+    """Every plain ``nn.Conv2d`` in ``model`` becomes an aligned :class:`Conv2d` in place (its class only: the same
+    parameters, keys and outputs), whoever built it: InternImage, PeLK, timm's ConvNeXt, the objectives' decoders.
+    Returns how many were changed."""
+    changed = 0
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = Conv2d
+            changed += 1
+    return changed
 
 
 class CenterFeatureScaleModule(nn.Module):
@@ -133,7 +146,7 @@ class DCNv3(nn.Module):
         points = kernel_size * kernel_size - self.remove_center
 
         self.dw_conv = nn.Sequential(
-            Conv2d(channels, channels, kernel_size=dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2,
+            nn.Conv2d(channels, channels, kernel_size=dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2,
                       groups=channels),
             build_norm_layer(channels, norm_layer, "channels_first", "channels_last"),
             build_act_layer(act_layer),
