@@ -44,7 +44,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -52,6 +51,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+
+from pretrain.engine.checkpoint import MARKER, STEP_DIR, atomic_torch_save, average_files, find_complete_checkpoints
 
 __all__ = ['ExportError', 'ExportMeta', 'Exported', 'FORMATS', 'WEIGHTS', 'consolidate', 'write', 'export',
            'resolve_checkpoint', 'backbone_state_dict', 'default_path', 'main']
@@ -62,7 +63,6 @@ WEIGHTS = ('raw', 'ema', 'teacher')
 _NOT_ARCHITECTURE = frozenset({'with_cp', 'core_op', 'drop_rate', 'drop_path_rate', 'drop_path_type', 'pretrained',
                                'checkpoint_path', 'head_index', 'checkpoint_use_ema', 'features_only', 'out_indices',
                                'feature_cls', 'grad_checkpointing', 'grad_checkpointing_every'})
-_STEP_DIR = re.compile(r'^step_(\d{8})$')
 
 
 class ExportError(RuntimeError):
@@ -117,7 +117,6 @@ class ExportMeta:
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The step folder or weights file that ``path`` names (see the module docstring); raises :class:`ExportError`
     for a step folder without its commit marker or a folder with no committed checkpoint."""
-    from pretrain.engine.checkpoint import MARKER, find_complete_checkpoints
 
     p = Path(path)
     if p.is_file():
@@ -126,7 +125,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise ExportError(f'{p}: no such file or folder')
     if (p / 'config.json').is_file() and (p / 'model.safetensors').is_file():
         return p / 'model.safetensors'  # a timm folder
-    if _STEP_DIR.match(p.name) or (p / MARKER).is_file():
+    if STEP_DIR.match(p.name) or (p / MARKER).is_file():
         if not (p / MARKER).is_file():
             raise ExportError(f'{p} is not a complete checkpoint (no {MARKER} marker: the save did not finish)')
         return p
@@ -134,7 +133,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         found = find_complete_checkpoints(str(root))
         if found:
             return Path(found[-1][1])
-        if root.is_dir() and any(_STEP_DIR.match(n) for n in os.listdir(root)):
+        if root.is_dir() and any(STEP_DIR.match(n) for n in os.listdir(root)):
             raise ExportError(f'{root}: no complete checkpoint (step folders without the {MARKER} marker only)')
     raise ExportError(f'{p}: neither a checkpoint step folder, a run output folder nor a weights file')
 
@@ -178,7 +177,6 @@ def _read_deepspeed(step_dir: Path, step: int, notes: list[str]) -> dict[str, to
 
 
 def _read_average(step_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    from pretrain.engine.checkpoint import average_files
     from pretrain.engine.ema import merge_saved_states
 
     try:
@@ -195,7 +193,6 @@ def _read_average(step_dir: Path, name: str) -> dict[str, torch.Tensor]:
 def _read_step_dir(step_dir: Path, weights: str) -> tuple[dict, dict | None, ExportMeta]:
     import yaml
 
-    from pretrain.engine.checkpoint import MARKER
 
     with open(step_dir / MARKER) as f:
         marker = json.load(f)
@@ -244,7 +241,6 @@ def _read_file(path: Path, weights: str) -> tuple[dict, dict | None, ExportMeta]
         average = unwrap_checkpoint(obj, use_ema=True)[0]
         meta.weights = weights
     meta.source = str(path)
-    meta.dropped = []
     return raw, average, meta
 
 
@@ -373,20 +369,8 @@ def _commit(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def _torch_save(obj, path: Path) -> None:
-    tmp = _tmp(path)
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_official(sd, meta, path: Path) -> str:
-    _torch_save({'model': sd, 'meta': meta.to_dict()}, path)
+    atomic_torch_save({'model': sd, 'meta': meta.to_dict()}, path)
     return f'{len(sd)} tensors'
 
 
@@ -395,7 +379,7 @@ def _write_backbone(sd, meta, path: Path) -> str:
     detail = f'kept {", ".join(_summarize(list(bb)))}; dropped {", ".join(_summarize(dropped)) or "nothing"}'
     m = meta.to_dict()
     m['notes'] = m['notes'] + [f'backbone file: {detail}']
-    _torch_save({'state_dict': bb, 'meta': m}, path)
+    atomic_torch_save({'state_dict': bb, 'meta': m}, path)
     return detail
 
 

@@ -39,7 +39,7 @@ __all__ = ['CheckpointManager', 'ResumePlan', 'TrainState', 'average_files', 'fi
            'rng_state', 'set_rng_state', 'DEBUG_SAVE_PAUSE_ENV']
 
 MARKER = 'COMPLETE'
-_STEP_DIR = re.compile(r'^step_(\d{8})$')
+STEP_DIR = re.compile(r'^step_(\d{8})$')
 # Tests only: 'STEP:SECONDS' sleeps inside the save of STEP after the rank files are written and before the commit,
 # so that a test can kill -9 the run mid-save.
 DEBUG_SAVE_PAUSE_ENV = 'PRETRAIN_DEBUG_SAVE_PAUSE'
@@ -98,13 +98,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file, fsync, rename: ``path`` is the whole old file or the whole new one."""
+    tmp = f'{os.fspath(path)}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _fsync_dir(path: str) -> None:
@@ -121,7 +126,7 @@ def find_complete_checkpoints(root: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(root):
-        m = _STEP_DIR.match(name)
+        m = STEP_DIR.match(name)
         if m and os.path.isfile(os.path.join(root, name, MARKER)):
             found.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(found)
@@ -239,15 +244,15 @@ class CheckpointManager:
         edist.barrier()
         t0 = time.time()
         engine.save_checkpoint(step_dir, tag=f'global_step{state.step}', save_latest=False)
-        _atomic_torch_save({'loader': loader.state_dict() if loader is not None else None, 'rng': rng_state(),
+        atomic_torch_save({'loader': loader.state_dict() if loader is not None else None, 'rng': rng_state(),
                             'rank': self.rank, 'world_size': self.world_size},
                            os.path.join(step_dir, f'rank_{self.rank:05d}.pt'))
         for name, avg in averages.items():
             if self.rank == 0 or any(avg.partitioned.values()):
-                _atomic_torch_save(avg.state_dict(), os.path.join(step_dir, _average_file(name, self.rank)))
+                atomic_torch_save(avg.state_dict(), os.path.join(step_dir, _average_file(name, self.rank)))
         if self.rank == 0:
             import yaml
-            _atomic_torch_save({'train_state': state.state_dict(), 'scheduler': scheduler.state_dict(),
+            atomic_torch_save({'train_state': state.state_dict(), 'scheduler': scheduler.state_dict(),
                                 'world_size': self.world_size, 'config': config},
                                os.path.join(step_dir, 'trainer.pt'))
             with open(os.path.join(step_dir, 'config.yaml'), 'w') as f:
@@ -283,7 +288,7 @@ class CheckpointManager:
                 self._remove(path)
         newest = complete[-1][0] if complete else -1
         for name in os.listdir(self.root):
-            m = _STEP_DIR.match(name)
+            m = STEP_DIR.match(name)
             path = os.path.join(self.root, name)
             # incomplete folders older than the newest commit are crash leftovers
             if m and int(m.group(1)) < newest and not os.path.isfile(os.path.join(path, MARKER)):
