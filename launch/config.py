@@ -208,8 +208,7 @@ def load_cascade(path: str | Path) -> CascadeSpec:
     top = _build(CascadeSpec, {k: v for k, v in raw.items() if k != 'stages'}, '', where)
     top.name = top.name or Path(path).stem
     defaults = raw.get('resources') or {}
-    names: list[str] = []
-    train_cfgs: dict = {}  # stage name -> its validated TrainConfig
+    train_cfgs: dict = {}  # stage name -> its validated TrainConfig, in stage order
     for i, entry in enumerate(stages_raw):
         prefix = f'stages[{i}].'
         if not isinstance(entry, dict):
@@ -223,13 +222,12 @@ def load_cascade(path: str | Path) -> CascadeSpec:
         init_given = 'init_from' in entry
         st = _build(StageSpec, entry, f'stages[{i}]', where)
         if not init_given:
-            st.init_from = names[-1] if names else None
+            st.init_from = next(reversed(train_cfgs), None)
         st.runs_root = top.runs_root
-        train_cfgs[st.name] = _check_stage(st, where, prefix, names)
+        train_cfgs[st.name] = _check_stage(st, where, prefix, list(train_cfgs))
         if st.init_weights == 'ema' and not train_cfgs[st.init_from].ema.enabled:
             raise LaunchConfigError(f'{where}: {prefix}init_weights: ema, but stage {st.init_from!r} trains without '
                                     f'an EMA (ema.enabled is false)')
-        names.append(st.name)
         top.stages.append(st)
     return top
 

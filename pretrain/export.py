@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.engine.checkpoint import MARKER, STEP_DIR, atomic_torch_save, average_files, find_complete_checkpoints
+from pretrain.engine.checkpoint import MARKER, STEP_DIR, atomic_torch_save, find_complete_checkpoints, load_average
 
 __all__ = ['ExportError', 'ExportMeta', 'Exported', 'FORMATS', 'WEIGHTS', 'consolidate', 'write', 'export',
            'resolve_checkpoint', 'backbone_state_dict', 'default_path', 'main']
@@ -177,17 +177,15 @@ def _read_deepspeed(step_dir: Path, step: int, notes: list[str]) -> dict[str, to
 
 
 def _read_average(step_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    from pretrain.engine.ema import merge_saved_states
-
     try:
-        files = average_files(step_dir, name)
+        average = load_average(step_dir, name)
     except FileNotFoundError as e:  # some ranks' files of a partitioned average
         raise ExportError(str(e)) from e
-    if not files:
+    if average is None:
         have = sorted({f.name.rsplit('_', 1)[0] for f in step_dir.glob('*_00000.pt')} - {'rank'})
         raise ExportError(f'{step_dir}: no {name} weights ({name}_00000.pt missing; weight averages saved here: '
                           f'{have or "none"})')
-    return merge_saved_states([torch.load(f, map_location='cpu', weights_only=True) for f in files])
+    return average
 
 
 def _read_step_dir(step_dir: Path, weights: str) -> tuple[dict, dict | None, ExportMeta]:

@@ -250,9 +250,8 @@ def consolidated(step_dir: str, step: int) -> dict[str, torch.Tensor]:
 
 def ema_of(step_dir: str) -> dict[str, torch.Tensor]:
     """The whole saved EMA of a checkpoint, merged from its rank files as export reads it."""
-    from pretrain.engine.checkpoint import average_files
-    from pretrain.engine.ema import merge_saved_states
-    return merge_saved_states([torch.load(f, weights_only=False) for f in average_files(step_dir, 'ema')])
+    from pretrain.engine.checkpoint import load_average
+    return load_average(step_dir, 'ema')
 
 
 def losses(run_dir: Path) -> list[float]:

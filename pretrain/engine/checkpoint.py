@@ -36,7 +36,7 @@ import torch
 from pretrain.engine import dist as edist
 
 __all__ = ['CheckpointManager', 'ResumePlan', 'TrainState', 'average_files', 'find_complete_checkpoints',
-           'rng_state', 'set_rng_state', 'DEBUG_SAVE_PAUSE_ENV']
+           'load_average', 'rng_state', 'set_rng_state', 'DEBUG_SAVE_PAUSE_ENV']
 
 MARKER = 'COMPLETE'
 STEP_DIR = re.compile(r'^step_(\d{8})$')
@@ -157,6 +157,17 @@ def average_files(step_dir: str | os.PathLike, name: str) -> list[str]:
         raise FileNotFoundError(f'{step_dir}: the {name} weights are incomplete ({how}): {len(missing)} of '
                                 f'{ranks} files missing: {", ".join(missing[:8])}{" ..." if len(missing) > 8 else ""}')
     return [present[r] for r in range(ranks)]
+
+
+def load_average(step_dir: str | os.PathLike, name: str) -> dict[str, torch.Tensor] | None:
+    """The whole saved weight average ``name`` of ``step_dir`` as a state_dict (fp32, full shapes, ZeRO-3 partitions
+    merged), or None when the folder holds none; raises like :func:`average_files` on an incomplete set."""
+    from pretrain.engine.ema import merge_saved_states
+
+    files = average_files(step_dir, name)
+    if not files:
+        return None
+    return merge_saved_states([torch.load(f, map_location='cpu', weights_only=True) for f in files])
 
 
 class CheckpointManager:
