@@ -138,9 +138,14 @@ def test_grid_mask_has_the_ratio_and_differs_per_sample():
 def test_dense_masking_hides_the_masked_cells_from_every_layer():
     """With the image and every block input re-masked, nothing the network computes depends on what the masked
     cells contain (visible cells cannot read them through DCNv3 offsets, and masked cells see only visible ones)."""
+    assert_blind_to_masked_content(tiny_m3i().backbone.eval())
+
+
+def assert_blind_to_masked_content(model: torch.nn.Module) -> None:
+    """Under ``dense_masking`` ``model.forward_features`` is the same whatever the masked cells of a 64 px image hold,
+    and without it not (so the check can fail)."""
     from pretrain.objectives.masking import dense_masking, random_grid_mask, upsample_mask
 
-    model = tiny_m3i().backbone.eval()
     x = torch.randn(2, 3, 64, 64)
     mask = random_grid_mask(2, (2, 2), 0.5, torch.Generator().manual_seed(1))
     up = upsample_mask(mask, (64, 64))[:, None]
