@@ -27,10 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("write", help="write shards + manifest.json from a raw source")
-    w.add_argument("kind", choices=["imagefolder", "imagenet22k", "img2dataset", "webdataset", "table"],
+    w.add_argument("kind", choices=["imagefolder", "imagenet22k", "img2dataset", "webdataset", "table", "idx"],
                    help="imagefolder: class folders or flat files; imagenet22k: one <wnid>.tar per synset; "
-                        "img2dataset/webdataset: existing shards (re-shard, filter, resize); table: CSV/parquet")
-    w.add_argument("input", help="input folder, shard folder / brace pattern, or table file")
+                        "img2dataset/webdataset: existing shards (re-shard, filter, resize); table: CSV/parquet; "
+                        "idx: an MNIST-style IDX images file (gzip or not) with --labels and --class-names")
+    w.add_argument("input", help="input folder, shard folder / brace pattern, table file, or IDX images file")
     w.add_argument("output", help="output folder for the shards and manifest.json")
     w.add_argument("--samples-per-shard", type=int, default=1000)
     w.add_argument("--shuffle-seed", type=int, default=0,
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--image-column", default="image", help="table: image path or bytes column")
     w.add_argument("--caption-column", default="caption", help="table: caption column")
     w.add_argument("--label-column", default=None, help="table: integer label column")
+    w.add_argument("--labels", default=None, help="idx: the IDX labels file matching the images file")
+    w.add_argument("--class-names", default=None,
+                   help="idx: class names in label order, a file (one per line) or a comma-separated list")
+    w.add_argument("--caption-templates", default=None,
+                   help="idx: a file of caption templates, one per line, each with {class}: every sample gets a "
+                        ".txt caption from one of them (seeded by --shuffle-seed)")
     w.add_argument("--workers", type=int, default=1, help="parallel writer processes")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -88,6 +95,15 @@ def _write(args: argparse.Namespace) -> int:
         samples, dropped = writers.list_webdataset(args.input, min_image_side_px=args.min_image_side,
                                                    require_caption=args.require_caption)
         class_map = None
+    elif args.kind == "idx":
+        if not args.labels or not args.class_names:
+            raise SystemExit("write idx: --labels and --class-names are required")
+        templates: list[str] = []
+        if args.caption_templates:
+            with open(args.caption_templates, encoding="utf-8") as f:
+                templates = [line.strip() for line in f if line.strip()]
+        samples, class_map = writers.list_idx(args.input, args.labels, writers.load_class_names(args.class_names),
+                                              caption_templates=templates, caption_seed=args.shuffle_seed)
     else:
         samples = writers.list_table(args.input, image_column=args.image_column,
                                      caption_column=args.caption_column, label_column=args.label_column)

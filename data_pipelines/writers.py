@@ -2,7 +2,8 @@
 
 Writing happens in three steps:
 
-1. **list** the input (``list_imagefolder``, ``list_imagenet22k``, ``list_webdataset``, ``list_table``): a list of
+1. **list** the input (``list_imagefolder``, ``list_imagenet22k``, ``list_webdataset``, ``list_table``,
+   ``list_idx``): a list of
    :class:`InputSample` (key + where each part's bytes are; nothing is read yet except small metadata);
 2. **plan** shards (:func:`plan_shards`): consecutive samples, at most ``samples_per_shard`` and, by input size,
    ``max_shard_bytes`` per shard, so the plan is known before anything is written and is the same on every run;
@@ -16,6 +17,7 @@ as ``.cls`` (decimal text), the caption as ``.txt`` and metadata as ``.json``.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -24,6 +26,7 @@ import multiprocessing
 import os
 import random
 import re
+import struct
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -285,6 +288,97 @@ def list_table(path: str, *, image_column: str = "image", caption_column: str | 
         sample.parts["json"] = PartRef(data=json.dumps({"source_path": source}).encode())
         samples.append(sample)
     return samples
+
+
+IDX_IMAGES_MAGIC = 2051  # uint8 pixels, 3 dimensions (count, rows, cols)
+IDX_LABELS_MAGIC = 2049  # uint8 labels, 1 dimension (count)
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def read_idx(path: str, expected_magic: int) -> tuple[tuple[int, ...], bytes]:
+    """Read an IDX file (MNIST / Fashion-MNIST layout; gzip-compressed or not) of unsigned bytes.
+
+    Returns (dimensions, payload): dimensions as stored after the magic number (count first), payload the raw
+    uint8 values, row-major. Raises ValueError naming ``path`` for a wrong magic number or a truncated/overlong file.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable gzip file ({e})") from e
+    if len(raw) < 4:
+        raise ValueError(f"{path}: {len(raw)} bytes, too short for an IDX header")
+    (magic,) = struct.unpack(">i", raw[:4])
+    if magic != expected_magic:
+        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected_magic} "
+                         f"({'images' if expected_magic == IDX_IMAGES_MAGIC else 'labels'} file)")
+    n_dims = expected_magic & 0xFF
+    header_bytes = 4 + 4 * n_dims
+    if len(raw) < header_bytes:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    dims = struct.unpack(f">{n_dims}i", raw[4:header_bytes])
+    payload_bytes = 1
+    for d in dims:
+        payload_bytes *= d
+    if len(raw) - header_bytes != payload_bytes:
+        raise ValueError(f"{path}: header says {' x '.join(map(str, dims))} = {payload_bytes} values, "
+                         f"the file holds {len(raw) - header_bytes}")
+    return dims, raw[header_bytes:]
+
+
+def load_class_names(spec: str) -> list[str]:
+    """Class names in label order: a file with one name per line, or a comma-separated list."""
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    else:
+        names = [name.strip() for name in spec.split(",") if name.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names {spec!r}: duplicate names")
+    return names
+
+
+def list_idx(images_path: str, labels_path: str, class_names: Sequence[str], *,
+             caption_templates: Sequence[str] = (), caption_seed: int = 0) -> tuple[list[InputSample], dict[str, int]]:
+    """List the images of an IDX pair (``*-images-idx3-ubyte[.gz]``, ``*-labels-idx1-ubyte[.gz]``) as greyscale
+    PNGs with ``.cls`` labels; returns (samples in file order, class map {name: index}).
+
+    ``class_names[i]`` names label ``i``. With ``caption_templates`` (each holding ``{class}``) every sample also
+    gets a ``.txt`` caption from one template drawn with ``caption_seed`` (the same draws on every run).
+    """
+    dims, pixels = read_idx(images_path, IDX_IMAGES_MAGIC)
+    (n_labels,), labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    n_images, height, width = dims
+    if n_images != n_labels:
+        raise ValueError(f"{images_path} holds {n_images} images but {labels_path} holds {n_labels} labels")
+    if not class_names:
+        raise ValueError(f"{labels_path}: no class names given")
+    if max(labels, default=0) >= len(class_names):
+        index = next(i for i, label in enumerate(labels) if label >= len(class_names))
+        raise ValueError(f"{labels_path}: label {labels[index]} of sample {index} has no class name "
+                         f"({len(class_names)} names)")
+    for template in caption_templates:
+        if "{class}" not in template:
+            raise ValueError(f"caption template {template!r} has no {{class}} placeholder")
+    rng = random.Random(caption_seed)
+    image_bytes = height * width
+    samples = []
+    for i in range(n_images):
+        img = Image.frombytes("L", (width, height), pixels[i * image_bytes:(i + 1) * image_bytes])
+        png = io.BytesIO()
+        img.save(png, "PNG")
+        label = labels[i]
+        meta = {"class_name": class_names[label], "source_path": f"{images_path}#{i}"}
+        sample = InputSample(f"{i:06d}", {"png": PartRef(data=png.getvalue()),
+                                          "cls": PartRef(data=str(label).encode()),
+                                          "json": PartRef(data=json.dumps(meta, sort_keys=True).encode())})
+        if caption_templates:
+            caption = rng.choice(caption_templates).replace("{class}", class_names[label])
+            sample.parts["txt"] = PartRef(data=caption.encode("utf-8"))
+        samples.append(sample)
+    return samples, {name: index for index, name in enumerate(class_names)}
 
 
 # ---- planning and writing --------------------------------------------------------------------------------------
