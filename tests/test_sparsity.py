@@ -141,7 +141,8 @@ def _worker(out_dir: str) -> None:
             everyone = [None] * world
             dist.all_gather_object(everyone, digest)
             found['rank_disagreements'] += int(len(set(everyone)) != 1)
-        restored = DynamicSparsity(sparse.cfg, trainer)  # from trainer.state.extra, as after a resume
+        restored = DynamicSparsity(sparse.cfg, trainer)  # fresh masks, then the saved ones, as in a resume
+        restored.load_state_dict(sparse.state_dict())
         found['restored_equal'] = all(torch.equal(restored.masks[n], m) for n, m in sparse.masks.items())
         found['updates'] = restored.updates
         results[f'{stage}_{precision}'] = found
@@ -236,7 +237,7 @@ if __name__ == '__main__':
 def test_sparsity_through_the_config_resumes_exactly_from_a_checkpoint(shards, tmp_path):  # noqa: F811
     """`sparsity.enabled` in a stage config: the PeLK large kernels are masked at the configured sparsity from the
     first step, prune-and-grow runs every step, and 2 steps + resume + 2 steps give the weights of 4 steps straight
-    (the masks travel in the checkpoint's train state)."""
+    (the masks travel in the checkpoint as its registered part ``sparsity``)."""
     from tests.test_engine import consolidated, stage_config
 
     common = dict(model={**TINY_PELK, 'num_classes': 200},
@@ -254,7 +255,7 @@ def test_sparsity_through_the_config_resumes_exactly_from_a_checkpoint(shards, t
     b = consolidated(str(tmp_path / 'b' / 'checkpoints' / 'step_00000004'), 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     trainer = torch.load(tmp_path / 'a' / 'checkpoints' / 'step_00000004' / 'trainer.pt', weights_only=False)
-    masks = trainer['train_state']['extra']['sparsity']['masks']
+    masks = trainer['sparsity']['masks']
     assert masks and all(k.endswith('.conv.weight') and '.blocks.' in k for k in masks)
     assert sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()) == \
         pytest.approx(0.5, abs=0.02)

@@ -13,9 +13,9 @@ What it does (SLaK ``sparse_core.Masking``, spec §D.2):
   (masked weights are held at zero) with zero Adam moments.
 
 Masks are identical on every rank: decisions use the full fp32 weights (``deepspeed.utils.safe_get_full_fp32_param``,
-a collective, once per update) and a generator seeded from ``(seed, step)``. They live in
-``trainer.state.extra['sparsity']`` (full shapes, CPU), so they are saved and restored with every checkpoint, at any
-world size.
+a collective, once per update) and a generator seeded from ``(seed, step)``. They are the callback's
+``state_dict()`` (full shapes, CPU); the trainer registers it with the checkpointer as ``sparsity``, so the masks are
+saved and restored with every checkpoint, at any world size.
 
 Per-step masking is local (no communication). It reaches the rank's own fragment of each fp32 master: under ZeRO-1/2
 and DeepSpeed's bf16 optimizer ``param._hp_mapping``, under ZeRO-3 ``safe_get/set_local_fp32_param`` and the
@@ -38,12 +38,11 @@ import re
 
 import torch
 
+from pretrain.common.schedule import cosine_between
 from pretrain.config import SparsityConfig
-from pretrain.engine.optim import cosine_between
 
 __all__ = ['SparsityConfig', 'DynamicSparsity', 'layer_densities', 'prune_and_grow', 'prune_rate_at']
 
-EXTRA_KEY = 'sparsity'
 _ADAM_STATES = ('exp_avg', 'exp_avg_sq')
 
 
@@ -89,9 +88,9 @@ def prune_and_grow(mask: torch.Tensor, weight: torch.Tensor, rate: float, genera
 
 
 class DynamicSparsity:
-    """The callback. ``DynamicSparsity(cfg, trainer)`` restores the masks from ``trainer.state.extra`` or draws new
-    ones, and applies them at once. Build it after the trainer has resumed. ``after_step(trainer)`` masks the
-    weights and, every ``update_interval_steps`` steps, prunes and grows."""
+    """The callback. ``DynamicSparsity(cfg, trainer)`` draws masks and applies them at once; a resume then replaces
+    them through :meth:`load_state_dict` (the checkpointer calls it). ``after_step(trainer)`` masks the weights and,
+    every ``update_interval_steps`` steps, prunes and grows."""
 
     def __init__(self, cfg: SparsityConfig, trainer):
         cfg.validate()
@@ -103,17 +102,25 @@ class DynamicSparsity:
                        if p.requires_grad and (pattern.search(n) if pattern else len(_shape(p)) in (2, 4))}
         if not self.params:
             raise ValueError(f'sparsity: no parameter to mask (include={cfg.include!r})')
-        saved = trainer.state.extra.get(EXTRA_KEY)
-        if saved is not None:
-            if set(saved['masks']) != set(self.params):
-                raise ValueError('sparsity: the checkpoint masks other parameters than this config selects')
-            self.masks = {n: m.bool() for n, m in saved['masks'].items()}
-            self.updates = int(saved['updates'])
-        else:
-            self.masks = self._initial_masks()
-            self.updates = 0
+        self.masks = self._initial_masks()
+        self.updates = 0
         self._device_masks: dict[str, torch.Tensor] = {}
-        self._save(trainer)
+        self.apply()
+
+    def state_dict(self) -> dict:
+        """``{'masks': {name: bool tensor of the parameter's full shape (CPU)}, 'updates': prune-and-grow count}``."""
+        return {'masks': dict(self.masks), 'updates': self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the saved masks (the same on every rank, at any world size) and apply them to the weights."""
+        if set(state['masks']) != set(self.params):
+            saved_only = sorted(set(state['masks']) - set(self.params))
+            selected_only = sorted(set(self.params) - set(state['masks']))
+            raise ValueError(f'sparsity: the checkpoint masks other parameters than this config selects (only saved: '
+                             f'{saved_only[:3]}, only selected: {selected_only[:3]})')
+        self.masks = {n: m.bool() for n, m in state['masks'].items()}
+        self.updates = int(state['updates'])
+        self._device_masks.clear()
         self.apply()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -128,9 +135,6 @@ class DynamicSparsity:
             flat[torch.randperm(numel, generator=gen)[:int(round(densities[n] * numel))]] = True
             masks[n] = flat.view(shape)
         return masks
-
-    def _save(self, trainer) -> None:
-        trainer.state.extra[EXTRA_KEY] = {'masks': self.masks, 'updates': self.updates}
 
     def density(self) -> float:
         """Active fraction over all masked weights."""
@@ -179,7 +183,6 @@ class DynamicSparsity:
                         f'regrown, density {summary["density"]:.4f}')
         else:
             self.apply()
-        self._save(trainer)
 
 
 def _link_optimizer_states(optimizer) -> None:

@@ -8,6 +8,7 @@ this file only wires them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,15 +19,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from pretrain.common.ema import EMA
 from pretrain.config import TrainConfig, config_to_dict
 from pretrain.engine import dist as edist
-from pretrain.engine import preemption
-from pretrain.engine.checkpoint import CheckpointManager, TrainState
+from pretrain.engine import preemption, watchdog
+from pretrain.engine.checkpoint import CheckpointManager, LoaderPosition, RNGStreams, TrainState
 from pretrain.engine.data import BatchStream, build_train_loader, build_val_loader, steps_per_epoch
 from pretrain.engine.ds_config import build_deepspeed_config
-from pretrain.engine.ema import EMA
 from pretrain.engine.metrics import MetricsLogger, peak_memory_mib
 from pretrain.engine.optim import CosineWarmupSchedule, build_param_groups, describe_groups, scaled_lr
+from pretrain.engine.run_lock import acquire_run_lock, describe_holder
+from pretrain.objectives import build_model, build_objective_step
 from pretrain.ops.modules import align_convolutions
 
 __all__ = ['Trainer', 'NonFiniteError', 'StepResult', 'build_model', 'total_steps_of']
@@ -44,31 +47,6 @@ class StepResult:
     micro_batches: int  # consumed, including dropped non-finite ones
     nonfinite_micro: int
     parts: dict = field(default_factory=dict)  # the objective's loss parts, mean over the finite micro-batches
-
-
-def build_model(cfg: TrainConfig):
-    """The module DeepSpeed trains: the backbone (supervised), or the backbone inside an
-    :class:`~pretrain.objectives.M3IModel` (m3i; keys ``backbone.*``). An m3i stage without the supervised objective
-    builds the backbone without a classifier."""
-    from pretrain.models import create_backbone
-
-    m, ob = cfg.model, cfg.objective
-    kwargs = dict(m.kwargs)
-    if m.drop_path_rate is not None:
-        kwargs['drop_path_rate'] = m.drop_path_rate
-    num_classes = 0 if ob.kind == 'm3i' and ob.supervised.weight == 0 else m.num_classes
-    backbone = create_backbone(m.name, num_classes=num_classes, checkpoint_path=m.checkpoint_path,
-                               head_index=m.head_index, checkpoint_use_ema=m.checkpoint_use_ema,
-                               grad_checkpointing=m.grad_checkpointing,
-                               grad_checkpointing_every=m.grad_checkpointing_every, **kwargs)
-    if ob.kind == 'supervised':
-        return backbone
-    from pretrain.objectives import M3IModel
-
-    model = M3IModel(backbone, ob, label_smoothing=cfg.loss.label_smoothing)
-    if hasattr(backbone, 'load_report'):
-        model.load_report = backbone.load_report
-    return model
 
 
 def total_steps_of(cfg: TrainConfig, world_size: int) -> tuple[int, int | None, int]:
@@ -93,8 +71,11 @@ class Trainer:
         self.rank, self.world_size = self.env.rank, self.env.world_size
         self.device = self.env.device
         self.out_dir = cfg.run.output_dir
-        if self.rank == 0:
-            os.makedirs(self.out_dir, exist_ok=True)
+        # one run per output folder, before anything in it is read or written (RunLockedError names the holder)
+        self.run_lock = acquire_run_lock(self.out_dir, self.rank)
+        if self.run_lock is not None and self.run_lock.took_over:
+            self.log(f'took the lock of {self.out_dir} over from {describe_holder(self.run_lock.took_over)} '
+                     '(the same Slurm job, requeued)')
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
         if cfg.deepspeed.precision == 'fp16' and not torch.cuda.is_available():
@@ -109,8 +90,11 @@ class Trainer:
                                              lr_warmup_init=scaled_lr(cfg.schedule.lr_warmup_init, **scale),
                                              lr_min=scaled_lr(cfg.schedule.lr_min, **scale))
 
-        self.ckpt = CheckpointManager(os.path.join(self.out_dir, 'checkpoints'), keep_last=cfg.checkpoint.keep_last,
-                                      rank=self.rank, world_size=self.world_size, log=self.log)
+        ck = cfg.checkpoint
+        self.ckpt = CheckpointManager(os.path.join(self.out_dir, 'checkpoints'), keep_last=ck.keep_last,
+                                      rank=self.rank, world_size=self.world_size, interval_steps=ck.interval_steps,
+                                      save_at_end=ck.save_at_end, total_steps=self.total_steps,
+                                      config=config_to_dict(cfg), log=self.log)
         self.resume_plan = self.ckpt.plan_resume(cfg.checkpoint.resume, cfg.checkpoint.on_world_size_change)
         if self.resume_plan is not None:
             self.ckpt.prepare_universal(self.resume_plan)
@@ -127,7 +111,7 @@ class Trainer:
             model = build_model(cfg)
         align_convolutions(model)  # DeepSpeed's flat buffers can hand cuDNN misaligned weights
         if getattr(model, 'load_report', None) is not None:
-            self.log(f'initial weights from {cfg.model.checkpoint_path}:\n{model.load_report}')
+            self.log(f'initial weights from {cfg.model.init_from}:\n{model.load_report}')
         groups = build_param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay,
                                     dcn_lr_mul=cfg.optim.dcn_lr_mul, no_weight_decay=cfg.optim.no_weight_decay)
         self.log('parameter groups:\n' + describe_groups(groups))
@@ -139,8 +123,6 @@ class Trainer:
                                                                  config=self.ds_config, dist_init_required=False)
         self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[cfg.deepspeed.precision]
         self.ema = EMA(self.engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
-        from pretrain.objectives import build_objective_step
-
         self.objective = build_objective_step(cfg, self.engine, world_size=self.world_size, rank=self.rank,
                                               device=self.device, dtype=self.dtype, total_steps=self.total_steps)
         self.callbacks: list = []  # objects with after_step(trainer), called after every optimizer step
@@ -152,21 +134,40 @@ class Trainer:
         self.val_loader = build_val_loader(cfg, self.rank, self.world_size) if build_data else None
         self.metrics = MetricsLogger(self.out_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
                                      progress=cfg.logging.progress)
-        self.last_checkpoint: str | None = None
         self._nonfinite_in_a_row = 0
+        self.sparsity = None
+        if cfg.sparsity.enabled:  # draws masks now; a resume replaces them with the saved ones
+            from pretrain.engine.sparsity import DynamicSparsity
+            self.sparsity = DynamicSparsity(cfg.sparsity, self)
+            self.callbacks.append(self.sparsity)
+        self._register_checkpoint_parts()
         self.resume_report: dict | None = None
         if self.resume_plan is not None:
-            self.resume_report = self.ckpt.load(self.resume_plan, self.engine, self.state, scheduler=self.schedule,
-                                                loader=self.train_loader, averages=self.averages)
-            if self.resume_plan.mode != 'exact':
-                _seed_rank_streams(cfg.run.seed, self.rank, step=self.state.step)
-            self.last_checkpoint = self.resume_plan.step_dir
+            self.resume_report = self.ckpt.load(self.resume_plan)
             self.log(f'resumed from {self.resume_plan.step_dir} at step {self.state.step} '
                      f'({self.resume_plan.mode}); not restored: {self.resume_report["not_restored"] or "nothing"}')
             self.metrics.log(self.state.step, {'resume': self.resume_report}, prefix='event')
-        if cfg.sparsity.enabled:  # after the resume: restores its masks from the train state, or draws new ones
-            from pretrain.engine.sparsity import DynamicSparsity
-            self.callbacks.append(DynamicSparsity(cfg.sparsity, self))
+
+    def _register_checkpoint_parts(self) -> None:
+        # Load order: the train state first (the loader and RNG parts read its step and epoch at another world size).
+        ckpt = self.ckpt
+        ckpt.register_engine(self.engine)
+        ckpt.register('train_state', self.state)
+        ckpt.register('scheduler', self.schedule)
+        if self.train_loader is not None:
+            ckpt.register('loader', LoaderPosition(self.train_loader, self.state), scope='per_rank')
+        ckpt.register('rng', RNGStreams(lambda: _seed_rank_streams(self.cfg.run.seed, self.rank, self.state.step)),
+                      scope='per_rank')
+        for name, average in self.averages.items():
+            if average is not None:
+                ckpt.register(name, average, scope='average')
+        if self.sparsity is not None:
+            ckpt.register('sparsity', self.sparsity)
+
+    @property
+    def last_checkpoint(self) -> str | None:
+        """The newest checkpoint folder this run committed or resumed from (None before either)."""
+        return self.ckpt.last_committed
 
     # --------------------------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -188,6 +189,7 @@ class Trainer:
         losses, parts_sum, consumed, dropped = [], {}, 0, 0
         while True:
             batch = next_micro_batch()
+            watchdog.beat()  # progress for the per-rank hang watchdog (pretrain/engine/watchdog.py)
             consumed += 1
             images = batch['image'].shape[0] * self.world_size
             self.state.samples_seen += images
@@ -199,16 +201,22 @@ class Trainer:
                 continue
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
-            self.engine.step()
+            own_norm = self._plain_optimizer_grad_norm() if boundary else None
+            # DeepSpeed's step() runs the optimizer only at the accumulation boundary; before it, it only counts the
+            # micro-batch (the gradients keep accumulating). A non-finite norm found above skips the optimizer.
+            with _optimizer_step_skipped(self.engine.optimizer, own_norm is not None and not torch.isfinite(own_norm)):
+                self.engine.step()
             losses.append(loss.item())
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
             if boundary:
                 break
         self._sync_buffers()
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
-        skipped = grad_norm is not None and not math.isfinite(grad_norm)
+        # DeepSpeed's wrappers set overflow when they skipped; the plain optimizer's skip is ours (a non-finite norm)
+        skipped = bool(getattr(self.engine.optimizer, 'overflow', False)) or (
+            grad_norm is not None and not math.isfinite(grad_norm))
         if skipped and self.cfg.deepspeed.precision == 'fp16':
             # fp16: DeepSpeed's dynamic loss scaler skipped the step and lowered the scale (it starts high on
             # purpose, so a run begins with several of these). Counted apart; DeepSpeed stops the run itself if the
@@ -230,6 +238,25 @@ class Trainer:
         n = max(len(losses), 1)
         return StepResult(sum(losses) / len(losses) if losses else float('nan'), grad_norm, skipped, consumed, dropped,
                           {k: v / n for k, v in parts_sum.items()})
+
+    @torch.no_grad()
+    def _plain_optimizer_grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm (0-d tensor; inf when any rank's is not finite) under the plain torch optimizer
+        (ZeRO-0 fp32), at the accumulation boundary, before the optimizer step. None under DeepSpeed's wrappers (bf16,
+        fp16, ZeRO 1-3): they check the same norm and skip the step themselves, setting ``optimizer.overflow``; the
+        plain one would apply a NaN.
+
+        The gradients are already all-reduced here, so every rank sees the same norm; the flag is still reduced so
+        that the ranks cannot disagree."""
+        if hasattr(self.engine.optimizer, 'overflow'):
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if edist.all_reduce_max(0.0 if torch.isfinite(norm) else 1.0) > 0:
+            return torch.tensor(float('inf'))
+        return norm
 
     @torch.no_grad()
     def _sync_buffers(self) -> None:
@@ -313,11 +340,8 @@ class Trainer:
         return summary
 
     def save(self) -> str:
-        self.last_checkpoint = self.ckpt.save(self.engine, self.state, scheduler=self.schedule,
-                                              loader=self.train_loader, averages=self.averages,
-                                              config=config_to_dict(self.cfg))
-        self.log(f'checkpoint committed: {self.last_checkpoint}')
-        return self.last_checkpoint
+        """Collective: commit a checkpoint of the current step now; returns its folder."""
+        return self.ckpt.save(self.state.step)
 
     def _log_train(self, step: int, res: StepResult, window: dict) -> None:
         names = sorted(window['parts'])
@@ -375,6 +399,20 @@ class Trainer:
         finally:
             self.engine.train()
         return out
+
+
+@contextlib.contextmanager
+def _optimizer_step_skipped(optimizer, skip: bool):
+    """Within: ``optimizer.step()`` does nothing when ``skip`` (weights, moments and step counts stay as they are);
+    DeepSpeed still counts the step and zeroes the gradients."""
+    if not skip:
+        yield
+        return
+    optimizer.step = lambda *args, **kwargs: None  # the instance attribute shadows the class's step
+    try:
+        yield
+    finally:
+        del optimizer.step
 
 
 def _seed_rank_streams(seed: int, rank: int, step: int) -> None:
