@@ -3,7 +3,8 @@
   submit  STAGE.yaml [--local] [--no-snapshot]   one stage: Submitit on Slurm, or --local on this machine
   cascade CASCADE.yaml [--local] [--sbatch]      stages chained with afterok; each starts from its predecessor's weights
   sbatch  CONFIG.yaml [--submit]                 write plain batch scripts (stage or cascade); --submit runs sbatch
-  status  RUN [--json] [--wait S]                each stage's job, state, step, last checkpoint and why it waits
+  status  RUN [--json] [--wait S] [--plot]       each stage's job, state, step, last checkpoint and why it waits;
+                                               --plot: learning_curves.png
   check   CONFIG.yaml                            validate a stage or cascade file and its training configs
 
 Every config is validated (launch keys and the training config) before anything is submitted; errors name the file
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('run')
     p.add_argument('--json', action='store_true')
     p.add_argument('--wait', type=float, default=0, help='poll until every stage has ended (at most this many s)')
+    p.add_argument('--plot', action='store_true',
+                   help='also write learning_curves.png (loss parts, lr, eval top-1 against step, per stage) into '
+                        'the run folder; RUN may also be one `pretrain train` output folder')
     p = sub.add_parser('check', help='validate a config file, submit nothing')
     p.add_argument('config')
     args = parser.parse_args(argv)
@@ -117,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == 'status':
             from launch.run import open_run
+            if args.plot:
+                from pathlib import Path
+
+                from launch.status import plot_run
+                print(f'plot: {plot_run(args.run)}')
+                if (Path(args.run) / 'metrics.jsonl').is_file():  # a single training output folder, not a run
+                    return 0
             from launch.status import is_finished
             run = open_run(args.run)
             deadline = time.time() + args.wait

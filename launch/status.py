@@ -14,8 +14,8 @@ TERMINAL = {'COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'NODE_FAIL', 'OUT_OF_
             'PREEMPTED'}
 
 
-def _events(stage_dir: Path) -> list[dict]:
-    f = stage_dir / 'events.jsonl'
+def _read_jsonl(f: Path) -> list[dict]:
+    """The records of a JSON-lines file in order ([] when absent)."""
     if not f.is_file():
         return []
     out = []
@@ -25,6 +25,10 @@ def _events(stage_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line being written right now
     return out
+
+
+def _events(stage_dir: Path) -> list[dict]:
+    return _read_jsonl(stage_dir / 'events.jsonl')
 
 
 def _last_step(out_dir: Path) -> int | None:
@@ -145,3 +149,92 @@ def write_summary(run: Run, rows: list[dict]) -> Path:
     f = run.root / 'summary.json'
     f.write_text(json.dumps({'run': str(run.root), 'time': time.time(), 'stages': rows}, indent=1))
     return f
+
+
+# ---- learning curves (python -m launch status RUN --plot) ----------------------------------------------------------
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    """The records of ``out_dir/metrics.jsonl`` in file order ([] when absent); a line being written is skipped."""
+    return _read_jsonl(Path(out_dir) / 'metrics.jsonl')
+
+
+def _flatten(values: dict, prefix: str = '') -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, v in values.items():
+        name = f'{prefix}{key}'
+        if isinstance(v, dict):
+            out.update(_flatten(v, name + ' '))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[name] = float(v)
+    return out
+
+
+def learning_curves_figure(stages: list[tuple[str, Path]], *, title: str,
+                           references: dict[str, float] | None = None):
+    """A matplotlib Figure of a run's learning curves, three panels: loss parts (log scale), learning rate and eval
+    top-1 (%) against the step, the stages one after another on a common step axis with their boundaries marked.
+
+    ``stages``: (stage name, its ``pretrain train`` output folder holding ``metrics.jsonl``), in run order.
+    ``references``: horizontal lines on the accuracy panel, {label: top-1 in %} (e.g. a published figure)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    fig = Figure(figsize=(15, 4.6), layout='constrained')
+    ax_loss, ax_lr, ax_acc = fig.subplots(1, 3, sharex=True)
+    offset = 0
+    boundaries: list[tuple[int, str]] = []
+    for stage, out_dir in stages:
+        records = read_metrics(out_dir)
+        train = [r for r in records if r.get('split') == 'train' and isinstance(r.get('loss'), dict)]
+        evals = [r for r in records if r.get('split') == 'eval']
+        boundaries.append((offset, stage))
+        parts = sorted({k for r in train for k in r['loss']})
+        if len(parts) == 2 and 'total' in parts:  # one part: its total is the same curve
+            parts.remove('total')
+        for part in parts:
+            points = [(offset + r['step'], r['loss'][part]) for r in train if part in r['loss']]
+            ax_loss.plot(*zip(*points), label=f'{stage}: {part}', lw=1.2 if part == 'total' else 0.9,
+                         ls='-' if part == 'total' or len(parts) == 1 else '--')
+        if train:
+            ax_lr.plot([offset + r['step'] for r in train], [r['lr'] for r in train], label=stage)
+        accuracy_keys = sorted({k for r in evals for k in _flatten(r) if k.endswith('top1')})
+        for key in accuracy_keys:
+            points = [(offset + r['step'], _flatten(r)[key]) for r in evals if key in _flatten(r)]
+            xs, ys = zip(*points)
+            ax_acc.plot(xs, ys, marker='o', ms=3, label=f'{stage}: {key}')
+            ax_acc.annotate(f'{ys[-1]:.1f}', (xs[-1], ys[-1]), textcoords='offset points', xytext=(3, 3), fontsize=8)
+        last_step = max([r['step'] for r in records if isinstance(r.get('step'), int)], default=0)
+        offset += last_step
+    for label, value in (references or {}).items():
+        ax_acc.axhline(value, color='grey', ls=':', lw=1)
+        ax_acc.annotate(label, (0, value), textcoords='offset points', xytext=(2, 2), fontsize=8, color='grey')
+    for ax, ylabel in ((ax_loss, 'training loss (log)'), (ax_lr, 'learning rate'), (ax_acc, 'eval top-1 (%)')):
+        for start, stage in boundaries:
+            ax.axvline(start, color='black', lw=0.8, alpha=0.5)
+            ax.annotate(stage, (start, 1), xycoords=('data', 'axes fraction'), xytext=(2, -10),
+                        textcoords='offset points', fontsize=8, rotation=0)
+        ax.set_xlabel('optimizer step (stages one after another)')
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc='best')
+    ax_loss.set_yscale('log')
+    ax_acc.set_ylim(0, 100)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_run(run_or_output_dir: str | Path, *, references: dict[str, float] | None = None) -> Path:
+    """Plot a launch run folder (every stage, in order) or one ``pretrain train`` output folder (holding
+    ``metrics.jsonl``); writes and returns ``<folder>/learning_curves.png``."""
+    folder = Path(run_or_output_dir)
+    if (folder / 'metrics.jsonl').is_file():
+        stages = [(folder.name, folder)]
+    else:
+        from launch.run import open_run
+        run = open_run(str(folder))
+        stages = [(s['name'], run.stage_dir(s['name']) / 'out') for s in run.meta['stages']]
+    if not any(read_metrics(out) for _, out in stages):
+        raise FileNotFoundError(f'{folder}: no metrics.jsonl with records (looked in {[str(o) for _, o in stages]})')
+    png = folder / 'learning_curves.png'
+    learning_curves_figure(stages, title=str(folder), references=references).savefig(png, dpi=110)
+    return png
