@@ -382,6 +382,110 @@ def assert_parity(out_dir: Path, stages: tuple[int, ...]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# a NaN gradient with a finite loss: the step is skipped for real, under every ZeRO stage and precision
+
+
+def _optimizer_state(engine) -> dict:
+    """A copy of this rank's optimizer state (Adam moments and step counts of the tensors it updates), keyed by
+    (tensor index, name): the torch optimizer inside DeepSpeed's wrapper, or the plain one under ZeRO-0 fp32."""
+    basic = getattr(engine.optimizer, 'optimizer', engine.optimizer)
+    # by insertion order: ZeRO-3 hands its optimizer one flat partition at a time, so param_groups are empty here
+    return {(i, k): v.detach().float().cpu().clone() if torch.is_tensor(v) else torch.tensor(float(v))
+            for i, state in enumerate(basic.state.values()) for k, v in state.items()}
+
+
+def _nonfinite_grad_worker(out_dir: str, stages: list[int], precision: str) -> None:
+    """Per ZeRO stage: one good step, then a step whose loss is finite but where rank 0 (of 2) gets a NaN in one
+    element of one parameter's gradient (a tensor hook), then a good step again. Writes what the NaN step changed."""
+    from pretrain.config import config_from_dict
+
+    rank = int(os.environ.get('RANK', 0))
+    report = {}
+    for stage in stages:
+        cfg = config_from_dict({
+            'model': TINY_MODEL,
+            'data': {'train': [{'name': 'unused', 'urls': 'unused.tar'}], 'img_size': 32},
+            'optim': {'lr_base': 2e-3, 'weight_decay': 0.05},
+            'schedule': {'total_steps': 3, 'warmup_steps': 0, 'lr_scale_by_batch': False},
+            'deepspeed': {'zero_stage': stage, 'precision': precision, 'micro_batch_size': 4, 'grad_clip': 1.0,
+                          'stage3_param_persistence_threshold': 1000},
+            'ema': {'enabled': True, 'decay': 0.5},
+            'checkpoint': {'resume': 'none'},
+            'logging': {'tensorboard': False, 'progress': False},
+            'run': {'output_dir': os.path.join(out_dir, f'run_{stage}'), 'seed': 0},
+        })
+        report[stage] = _nan_gradient_step(cfg, poison=rank == 0)
+    torch.save(report, os.path.join(out_dir, f'nonfinite_{precision}_rank{rank}.pt'))
+
+
+def _nan_gradient_step(cfg, poison: bool) -> dict:
+    """Good step, NaN step (this rank's gradient poisoned when ``poison``), good step: what the NaN step changed."""
+    import deepspeed
+
+    from pretrain.engine.trainer import NonFiniteError, Trainer
+
+    gen = torch.Generator().manual_seed(99)
+    images, labels = torch.randn(3, 4, 3, 32, 32, generator=gen), torch.randint(0, 200, (3, 4), generator=gen)
+    trainer = Trainer(cfg, build_data=False)
+    module = trainer.engine.module
+    params = list(module.parameters())
+
+    def weights() -> dict:
+        with deepspeed.zero.GatheredParameters(params, enabled=cfg.deepspeed.zero_stage == 3):
+            return {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
+
+    def step(s: int):
+        return trainer.train_step(lambda: {'image': images[s], 'label': labels[s], 'key': [''] * 4})
+
+    def nan_in_first_element(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad.view(-1)[0] = float('nan')
+        return grad
+
+    step(0)
+    before = weights(), _optimizer_state(trainer.engine), trainer.ema.full_state_dict()
+    target = dict(module.named_parameters())['levels.1.blocks.0.mlp.fc1.weight']
+    hook = target.register_hook(nan_in_first_element) if poison else None
+    res = step(1)
+    if hook is not None:
+        hook.remove()
+    after = weights(), _optimizer_state(trainer.engine), trainer.ema.full_state_dict()
+    changed = {what: sorted(str(k) for k in b if not torch.equal(b[k].cpu(), a[k].cpu()))
+               for what, b, a in zip(('weights', 'optimizer', 'ema'), before, after)}
+    try:
+        next_skipped = step(2).skipped
+    except NonFiniteError:  # NaN weights from the NaN step make every later loss NaN
+        next_skipped = True
+    now = weights()
+    return {'loss_finite': math.isfinite(res.loss), 'skipped': res.skipped,
+            'nonfinite_total': trainer.state.nonfinite_total, 'changed': changed,
+            'optimizer_tensors': len(before[1]), 'next_skipped': next_skipped,
+            'next_finite': all(bool(torch.isfinite(w).all()) for w in now.values()),
+            'next_moved': not torch.equal(now['levels.1.blocks.0.mlp.fc1.weight'],
+                                          after[0]['levels.1.blocks.0.mlp.fc1.weight'])}
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_nan_gradient_with_finite_loss_changes_nothing(tmp_path, precision):
+    """DeepSpeed skips a non-finite step only in some configurations (ZeRO-0 fp32 hands a NaN to AdamW); the
+    trainer's own check makes it a real skip everywhere: on both ranks, after a step where rank 0's gradient of one
+    weight holds a NaN (the loss finite), the weights, Adam's moments and step counts and the EMA are exactly as
+    before, the step is counted as non-finite, and the next step trains normally."""
+    run_procs(2, [str(Path(__file__).resolve()), 'nonfinite', str(tmp_path), '0,1,2,3', precision], timeout=600)
+    for rank in (0, 1):
+        report = torch.load(tmp_path / f'nonfinite_{precision}_rank{rank}.pt')
+        for stage in (0, 1, 2, 3):
+            r = report[stage]
+            what = f'ZeRO-{stage} {precision} rank {rank}'
+            assert r['loss_finite'] and r['skipped'] and r['nonfinite_total'] == 1, (what, r)
+            assert r['optimizer_tensors'] > 0, what
+            assert r['changed'] == {'weights': [], 'optimizer': [], 'ema': []}, (what, r['changed'])
+            assert not r['next_skipped'] and r['next_finite'] and r['next_moved'], (what, r)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # exact resume, kill -9 mid-save, another world size
 
 
@@ -525,6 +629,10 @@ def test_nonfinite_steps_are_skipped_then_stop_names_step_and_checkpoint(shards,
     assert committed, 'at least the first step should have been good'
     assert '2 non-finite steps in a row' in res.stderr
     assert f'last good checkpoint: {tmp_path / "run" / "checkpoints" / committed[-1]}' in res.stderr
+    last_good = tmp_path / 'run' / 'checkpoints' / committed[-1]
+    weights = consolidated(str(last_good), int(committed[-1].split('_')[1]))
+    assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values()), f'{last_good} is not finite'
+    assert all(bool(torch.isfinite(w).all()) for w in ema_of(str(last_good)).values()), f'{last_good} EMA'
     assert 'non-finite loss, skipped' in res.stdout
 
 
@@ -622,6 +730,8 @@ def test_requeue_signal_saves_on_every_rank_and_the_rerun_resumes(shards, tmp_pa
 if __name__ == '__main__':
     if sys.argv[1] == 'parity':
         _parity_worker(sys.argv[2], [int(s) for s in sys.argv[3].split(',')], sys.argv[4], float(sys.argv[5]))
+    elif sys.argv[1] == 'nonfinite':
+        _nonfinite_grad_worker(sys.argv[2], [int(s) for s in sys.argv[3].split(',')], sys.argv[4])
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -45,7 +45,8 @@ def build_deepspeed_config(cfg: TrainConfig, *, world_size: int, lr_peak: float,
         'optimizer': {'type': 'AdamW', 'params': {
             'lr': lr_peak, 'betas': list(cfg.optim.betas), 'eps': cfg.optim.eps,
             'weight_decay': cfg.optim.weight_decay, 'torch_adam': ds.torch_adam and not offloaded}},
-        'bf16': {'enabled': ds.precision == 'bf16'},
+        # check_grad_overflow: ZeRO 1/2 skip a bf16 step with a non-finite gradient norm only with it (its default)
+        'bf16': {'enabled': ds.precision == 'bf16', 'check_grad_overflow': True},
         'fp16': {'enabled': ds.precision == 'fp16', 'loss_scale': 0,
                  'initial_scale_power': ds.fp16_initial_scale_power},
         'zero_optimization': zero,
