@@ -22,12 +22,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+def _multi(supervised: float, contrastive: float, mim: float) -> dict:
+    """An ``objective.kind: multi`` section stating every part's weight."""
+    return {'kind': 'multi', 'supervised': {'weight': supervised}, 'contrastive': {'weight': contrastive},
+            'mim': {'weight': mim}, 'fcmae': {'weight': 0.0}}
+
+
 SETUPS = {
     'supervised': {'kind': 'supervised'},
-    'm3i: supervised only': {'kind': 'm3i'},
-    'm3i: contrastive': {'kind': 'm3i', 'supervised': {'weight': 0.0}, 'contrastive': {'weight': 1.0}},
-    'm3i: mim (teacher)': {'kind': 'm3i', 'supervised': {'weight': 0.0}, 'mim': {'weight': 1.0}},
-    'm3i: contrastive + mim + supervised': {'kind': 'm3i', 'contrastive': {'weight': 1.0}, 'mim': {'weight': 1.0}},
+    'm3i: supervised only': _multi(1.0, 0.0, 0.0),
+    'm3i: contrastive': _multi(0.0, 1.0, 0.0),
+    'm3i: mim (teacher)': _multi(0.0, 0.0, 1.0),
+    'm3i: contrastive + mim + supervised': _multi(1.0, 1.0, 1.0),
 }
 
 

@@ -158,7 +158,7 @@ def _check_stage(st: StageSpec, where: str, prefix: str, earlier: list[str]):
     from pretrain.config import ConfigError, load_config
     extra = ['run.output_dir=/nonexistent/out']
     if st.init_from is not None:
-        extra.append('model.checkpoint_path=/nonexistent/init.pt')
+        extra.append('model.init_from=/nonexistent/init.pt')
     try:
         return load_config(st.train_config, list(st.overrides) + extra)  # the stage's TrainConfig
     except ConfigError as e:

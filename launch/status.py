@@ -44,11 +44,10 @@ def _last_step(out_dir: Path) -> int | None:
 
 
 def _last_checkpoint(out_dir: Path) -> tuple[int, str] | None:
-    # pretrain.engine.checkpoint.find_complete_checkpoints without importing torch (status is polled): a step_NNNNNNNN
-    # folder with the COMPLETE commit marker.
-    root = out_dir / 'checkpoints'
-    found = sorted((int(p.name[5:]), str(p)) for p in root.glob('step_*')
-                   if re.fullmatch(r'step_\d{8}', p.name) and (p / 'COMPLETE').is_file()) if root.is_dir() else []
+    """``(step, folder)`` of the newest committed checkpoint, by the engine's own folder names and commit marker."""
+    from pretrain.engine.checkpoint import find_complete_checkpoints
+
+    found = find_complete_checkpoints(str(out_dir / 'checkpoints'))
     return found[-1] if found else None
 
 

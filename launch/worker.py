@@ -8,7 +8,7 @@ What ``python -m pretrain train CONFIG [overrides]`` does, plus what a launched 
 - ``--init-from PRED_OUT [--init-weights raw|ema]``: rank 0 consolidates the newest complete checkpoint of the
   predecessor stage (its raw or EMA weights) into
   ``<stage dir>/init/<...>.pt`` (fp32, ``{'model': state_dict}``, through ``pretrain.export``), every rank passes it
-  as ``model.checkpoint_path`` (a resumed stage then loads its own checkpoint over it);
+  as ``model.init_from`` (a resumed stage then loads its own checkpoint over it);
 - preemption: ``--requeue-signals USR2`` makes the signal save a checkpoint on every rank at the next step boundary
   (the trainer checks ``pretrain.engine.preemption``) and requeue the job;
 - rank 0 appends start/end events to ``<stage dir>/events.jsonl`` (what ``python -m launch status`` reads when Slurm
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.init_from:
             init = ensure_init_weights(args.init_from, stage_dir / 'init', rank, weights=args.init_weights)
-            overrides.append(f'model.checkpoint_path={init}')
+            overrides.append(f'model.init_from={init}')
         cfg = load_config(args.config, overrides)
     except (ConfigError, ExportError, FileNotFoundError, TimeoutError) as e:
         log(f'error: {e}')

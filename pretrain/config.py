@@ -14,6 +14,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,11 +26,15 @@ __all__ = [
     'ScheduleConfig', 'DeepSpeedConfig', 'EMAConfig', 'CheckpointConfig', 'LoggingConfig', 'RunConfig',
     'SparsityConfig', 'ObjectiveConfig', 'ContrastiveConfig', 'SupervisedConfig', 'MIMConfig', 'FCMAEConfig',
     'ZeroShotConfig',
-    'load_config', 'config_from_dict', 'config_to_dict', 'parse_overrides',
+    'load_config', 'config_from_dict', 'config_to_dict', 'parse_overrides', 'migrate', 'OBJECTIVE_PARTS',
 ]
 
 
 OPEN_CLIP_IMAGENET = 'open_clip:imagenet1k'  # zero_shot.classnames: open_clip's ImageNet-1K class names
+OBJECTIVE_PARTS = ('supervised', 'contrastive', 'mim', 'fcmae')  # the weighted parts of objective.kind=multi
+# Old names still read (with a warning), and the value they now go by.
+RENAMED_KEYS = {'model.checkpoint_path': 'model.init_from', 'model.checkpoint_use_ema': 'model.init_from_ema'}
+VALUE_ALIASES = {'objective.kind': {'m3i': 'multi'}}  # accepted spellings of a value, without a warning
 
 
 class ConfigError(ValueError):
@@ -43,8 +48,8 @@ class ModelConfig:
     drop_path_rate: float | None = None  # None: the model's own default
     grad_checkpointing: bool = False
     grad_checkpointing_every: int = 1
-    checkpoint_path: str | None = None  # initial weights (official / timm layout)
-    checkpoint_use_ema: bool = False  # take the EMA weights of checkpoint_path when it has them
+    init_from: str | None = None  # initial weights, a weights file (official / timm / exported layout); not a resume
+    init_from_ema: bool = False  # take the EMA weights of init_from when the file has them
     head_index: str | None = None  # class-index file (one index per line): slice the checkpoint's head (22k -> 1k)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments (channels, depths, core_op ...)
 
@@ -134,13 +139,13 @@ class DeepSpeedConfig:
 
 @dataclass
 class SupervisedConfig:
-    weight: float = 1.0  # cross-entropy on samples with a .cls label (label smoothing from loss.label_smoothing)
+    weight: float | None = None  # cross-entropy on samples with a .cls label (smoothing: loss.label_smoothing)
 
 
 @dataclass
 class ContrastiveConfig:
     """Image-text InfoNCE against an open_clip text tower trained jointly (M3I's text target)."""
-    weight: float = 0.0
+    weight: float | None = None
     embed_dim: int = 768  # joint space; InternImage-H/G's attention-pooling head gives 768-d already
     text_width: int = 768  # the text tower: 12 x 768 (BERT-Base size, as M3I) by default
     text_layers: int = 12
@@ -156,7 +161,7 @@ class ContrastiveConfig:
 @dataclass
 class MIMConfig:
     """Masked image modelling with a teacher: an EMA of the student predicts targets for masked cells."""
-    weight: float = 0.0
+    weight: float | None = None
     mask_ratio: float = 0.6  # of the cells of the mask grid
     mask_patch: int = 32  # the mask grid's cell size in pixels (the stride of the last stage)
     decoder_dim: int = 512
@@ -170,7 +175,7 @@ class FCMAEConfig:
     """ConvNeXt V2's masked autoencoder: a decoder predicts the (per-patch normalised) pixels of the masked patches.
     MIM and FCMAE share one mask per micro-batch: when both are on, their mask_ratio and mask_patch must be equal
     (:meth:`ObjectiveConfig.mask_settings`)."""
-    weight: float = 0.0
+    weight: float | None = None
     mask_ratio: float = 0.6  # of the cells of the mask grid (FCMAE: 0.6)
     mask_patch: int = 32  # the mask grid's cell size in pixels (FCMAE: 32, the stride of the last stage)
     decoder_dim: int = 512
@@ -189,9 +194,10 @@ class ZeroShotConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """``supervised``: classification (Mixup/CutMix, label smoothing: the fine-tuning stages). ``m3i``: the weighted
-    sum of the objectives below whose weight is > 0; each runs on the samples that carry its target."""
-    kind: Literal['supervised', 'm3i'] = 'supervised'
+    """``supervised``: classification (Mixup/CutMix, label smoothing: the fine-tuning stages). ``multi`` (alias
+    ``m3i``): the weighted sum of the parts below whose weight is > 0 (M3I-style pretraining, or FCMAE alone); each
+    runs on the samples that carry its target. A ``multi`` stage states every part's weight (0 leaves it out)."""
+    kind: Literal['supervised', 'multi'] = 'supervised'
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     mim: MIMConfig = field(default_factory=MIMConfig)
@@ -202,9 +208,14 @@ class ObjectiveConfig:
         """``(mask_ratio, mask_patch)`` of the one mask per micro-batch that the masked objectives (mim, fcmae)
         share -- validated equal when both are on -- or None when neither is on."""
         for m in (self.mim, self.fcmae):
-            if m.weight > 0:
+            if (m.weight or 0.0) > 0:
                 return m.mask_ratio, m.mask_patch
         return None
+
+    def weights(self) -> dict[str, float]:
+        """``{part: weight}`` for the parts of a ``multi`` stage (validation makes each explicit there; a part left
+        unset counts 0)."""
+        return {name: getattr(self, name).weight or 0.0 for name in OBJECTIVE_PARTS}
 
 
 @dataclass
@@ -440,9 +451,37 @@ def _apply_override(raw: dict, key: str, value: Any) -> None:
 # loading and cross-field checks
 
 
+def _renamed(key: str, value: Any, where: str) -> tuple[str, Any]:
+    """``(key, value)`` under their current names (:data:`RENAMED_KEYS` with a warning, :data:`VALUE_ALIASES`)."""
+    if key in RENAMED_KEYS:
+        warnings.warn(f'{where}: {key} is deprecated, use {RENAMED_KEYS[key]}', FutureWarning, stacklevel=3)
+        key = RENAMED_KEYS[key]
+    aliases = VALUE_ALIASES.get(key, {})
+    if isinstance(value, str) and value in aliases:
+        value = aliases[value]
+    return key, value
+
+
+def migrate(raw: dict, where: str = '<dict>') -> dict:
+    """A copy of the nested ``raw`` config with old key names and value aliases under their current names; a key
+    given under both names is a ConfigError naming the file."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for dotted in {*RENAMED_KEYS, *VALUE_ALIASES}:
+        section, name = dotted.split('.')
+        node = out.get(section)
+        if not isinstance(node, dict) or name not in node:
+            continue
+        key, value = _renamed(dotted, node.pop(name), where)
+        new_name = key.split('.')[1]
+        if new_name in node:
+            raise ConfigError(f'{where}: {dotted}: given together with {key}, its new name; keep one')
+        node[new_name] = value
+    return out
+
+
 def config_from_dict(raw: dict, where: str = '<dict>') -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from nested dicts (``where`` names the source in errors)."""
-    cfg = build_dataclass(TrainConfig, raw, '', where)
+    cfg = build_dataclass(TrainConfig, migrate(raw, where), '', where)
     validate(cfg, where)
     return cfg
 
@@ -472,11 +511,11 @@ def load_config_or_report(path: str | Path | None, overrides: list[str] | None =
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML file (or start from defaults when ``path`` is None), apply ``key.sub=value`` overrides, validate."""
-    raw: dict = read_yaml(path) if path is not None else {}
     where = str(path) if path is not None else 'defaults'
+    raw: dict = migrate(read_yaml(path), where) if path is not None else {}
     # Type errors in the file are reported against the file before overrides can mask them.
     build_dataclass(TrainConfig, raw, '', where)
-    pairs = parse_overrides(list(overrides or []))
+    pairs = [_renamed(key, value, 'command line') for key, value in parse_overrides(list(overrides or []))]
     for key, value in pairs:
         _apply_override(raw, key, value)
     if pairs:
@@ -605,17 +644,24 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
 
 def _validate_objective(cfg: TrainConfig, fail) -> None:
     ob = cfg.objective
+    given = {name: getattr(ob, name).weight for name in OBJECTIVE_PARTS}
     if ob.kind == 'supervised':
+        for name, w in given.items():
+            if name != 'supervised' and w:
+                fail(f'objective.{name}.weight', f'{w} under objective.kind=supervised, which trains the classifier '
+                     'alone; the weighted parts belong to objective.kind=multi')
         return
-    weights = {'supervised': ob.supervised.weight, 'contrastive': ob.contrastive.weight, 'mim': ob.mim.weight,
-               'fcmae': ob.fcmae.weight}
-    for name, w in weights.items():
+    for name, w in given.items():
+        if w is None:
+            fail(f'objective.{name}.weight', 'objective.kind=multi needs every part\'s weight stated (0 leaves the '
+                 f'part out): {", ".join(OBJECTIVE_PARTS)}')
         if w < 0:
             fail(f'objective.{name}.weight', f'must be >= 0, got {w}')
+    weights = ob.weights()
     if not any(w > 0 for w in weights.values()):
-        fail('objective', 'm3i needs at least one objective with weight > 0 (supervised, contrastive, mim, fcmae)')
+        fail('objective', f'multi needs at least one part with weight > 0 ({", ".join(OBJECTIVE_PARTS)})')
     if cfg.loss.mixup_alpha > 0 or cfg.loss.cutmix_alpha > 0:
-        fail('loss.mixup_alpha', 'Mixup/CutMix belong to objective.kind=supervised; set them to 0 for m3i')
+        fail('loss.mixup_alpha', 'Mixup/CutMix belong to objective.kind=supervised; set them to 0 for multi')
     c = ob.contrastive
     if c.weight > 0:
         if c.embed_dim < 1 or c.text_layers < 1 or c.text_heads < 1 or c.context_length < 2:

@@ -8,7 +8,7 @@ Sources (:func:`consolidate`):
   ``mp_rank_00_model_states.pt``, exact under fp32; under bf16/fp16 they are the 16-bit copy, and a note says so
   (DeepSpeed saves ZeRO-0's fp32 master weights without their names). ``ema`` / ``teacher`` take the weight average
   saved beside it (``ema_RRRRR.pt`` / ``teacher_RRRRR.pt``, ZeRO-3 partitions merged by
-  :func:`pretrain.engine.ema.merge_saved_states`); integer buffers (BatchNorm's ``num_batches_tracked``) are not
+  :func:`pretrain.common.ema.merge_saved_states`); integer buffers (BatchNorm's ``num_batches_tracked``) are not
   averaged and come from the raw weights;
 * a run output folder, its ``checkpoints`` folder, or a launch stage folder (``<stage>/out``): the newest committed
   step folder in it;
@@ -211,7 +211,7 @@ def _read_step_dir(step_dir: Path, weights: str) -> tuple[dict, dict | None, Exp
 
 
 def _read_file(path: Path, weights: str) -> tuple[dict, dict | None, ExportMeta]:
-    from pretrain.models.checkpoint import unwrap_checkpoint
+    from pretrain.models.weights import unwrap_checkpoint
 
     meta = None
     if path.suffix == '.safetensors':

@@ -146,3 +146,55 @@ def test_every_shipped_stage_config_loads():
     for path in stages:
         cfg = load_config(path)
         assert cfg.data.train, path
+
+
+MULTI = MINIMAL + """
+loss: {mixup_alpha: 0.0, cutmix_alpha: 0.0}
+objective:
+  kind: multi
+  supervised: {weight: 0.0}
+  contrastive: {weight: 0.0}
+  mim: {weight: 0.0}
+  fcmae: {weight: 1.0}
+"""
+
+
+def test_multi_objective_stage_states_every_weight(tmp_path):
+    cfg = load_config(write(tmp_path, MULTI))
+    assert cfg.objective.weights() == {'supervised': 0.0, 'contrastive': 0.0, 'mim': 0.0, 'fcmae': 1.0}
+    # A part left out would train (supervised used to default to 1.0): refused with the file and the key.
+    path = write(tmp_path, MULTI.replace('  supervised: {weight: 0.0}\n', ''))
+    with pytest.raises(ConfigError, match=rf'{path}: objective.supervised.weight: objective.kind=multi needs every'):
+        load_config(path)
+    with pytest.raises(ConfigError, match='objective.mim.weight: objective.kind=multi needs every'):
+        load_config(path, ['objective.supervised.weight=0', 'objective.mim.weight=null'])
+
+
+def test_supervised_stage_refuses_weighted_parts(tmp_path):
+    with pytest.raises(ConfigError, match='objective.contrastive.weight: 1.0 under objective.kind=supervised'):
+        load_config(write(tmp_path, MINIMAL), ['objective.contrastive.weight=1.0'])
+    assert load_config(write(tmp_path, MINIMAL), ['objective.supervised.weight=1.0']).objective.kind == 'supervised'
+
+
+def test_m3i_is_an_alias_of_multi(tmp_path):
+    assert load_config(write(tmp_path, MULTI.replace('kind: multi', 'kind: m3i'))).objective.kind == 'multi'
+    assert load_config(write(tmp_path, MULTI.replace('kind: multi', 'kind: supervised')),
+                       ['objective.kind=m3i']).objective.kind == 'multi'
+    with pytest.raises(ConfigError, match="objective.kind: must be one of \\['supervised', 'multi'\\]"):
+        load_config(write(tmp_path, MULTI.replace('kind: multi', 'kind: mae')))
+
+
+def test_old_weight_import_keys_load_with_a_warning(tmp_path):
+    old = write(tmp_path, MINIMAL + 'model: {checkpoint_path: /w/init.pth, checkpoint_use_ema: true}\n')
+    with pytest.warns(FutureWarning) as caught:
+        cfg = load_config(old)
+    assert sorted(str(w.message) for w in caught) == [
+        f'{old}: model.checkpoint_path is deprecated, use model.init_from',
+        f'{old}: model.checkpoint_use_ema is deprecated, use model.init_from_ema']
+    assert (cfg.model.init_from, cfg.model.init_from_ema) == ('/w/init.pth', True)
+    with pytest.warns(FutureWarning, match='command line: model.checkpoint_path is deprecated'):
+        cfg = load_config(write(tmp_path, MINIMAL), ['model.checkpoint_path=/w/b.pth'])
+    assert cfg.model.init_from == '/w/b.pth'
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match='model.checkpoint_path: given together with '
+                                                                      'model.init_from'):
+        config_from_dict({'model': {'checkpoint_path': '/a', 'init_from': '/b'}})

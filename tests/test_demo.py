@@ -47,7 +47,7 @@ def test_demo_cascade_chains_stages_and_exports_loadable_weights(real_data):
     import timm
 
     from pretrain.models import create_backbone
-    from pretrain.models.checkpoint import load_checkpoint
+    from pretrain.models.weights import load_checkpoint
 
     export = run / 'export'
     kwargs = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))

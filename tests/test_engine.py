@@ -99,7 +99,7 @@ def test_only_committed_checkpoints_are_found(tmp_path):
 
 def test_average_files_are_listed_in_rank_order_and_an_incomplete_set_is_named(tmp_path):
     from pretrain.engine.checkpoint import average_files
-    from pretrain.engine.ema import merge_saved_states
+    from pretrain.common.ema import merge_saved_states
 
     def state(part: torch.Tensor, partitioned: bool, world: int) -> dict:
         return {'shadow': {'w': part}, 'partitioned': {'w': partitioned}, 'shapes': {'w': [10]}, 'num_updates': 3,
@@ -129,7 +129,7 @@ def test_average_files_are_listed_in_rank_order_and_an_incomplete_set_is_named(t
 
 
 def test_ema_update_swap_and_reload():
-    from pretrain.engine.ema import EMA
+    from pretrain.common.ema import EMA
     model = tiny_model()
     ema = EMA(model, decay=0.75)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -240,7 +240,7 @@ def _train_config(out_dir: str, urls: str, zero: int, m3i: bool) -> dict:
         'run': {'output_dir': out_dir, 'seed': 0},
     }
     if m3i:  # the wrapper layout: contrastive (text tower) + MIM (teacher), no classifier (supervised weight 0)
-        cfg['objective'] = {'kind': 'm3i', 'supervised': {'weight': 0.0},
+        cfg['objective'] = {'kind': 'multi', 'supervised': {'weight': 0.0}, 'fcmae': {'weight': 0.0},
                             'contrastive': {'weight': 1.0, 'embed_dim': 32, 'text_width': 32, 'text_layers': 1,
                                             'text_heads': 2, 'context_length': 16},
                             'mim': {'weight': 1.0, 'decoder_dim': 16, 'teacher_decay': 0.5}}

@@ -29,8 +29,8 @@ def tiny_convnextv2(conv_mlp: bool = True, num_classes: int = 0, **kwargs):
 def fcmae_model(num_classes: int = 0, **sections):
     from pretrain.objectives import M3IModel
 
-    base = {'kind': 'm3i', 'supervised': {'weight': 1.0 if num_classes else 0.0},
-            'fcmae': {'weight': 1.0, 'decoder_dim': 32}}
+    base = {'kind': 'multi', 'supervised': {'weight': 1.0 if num_classes else 0.0}, 'contrastive': {'weight': 0.0},
+            'mim': {'weight': 0.0}, 'fcmae': {'weight': 1.0, 'decoder_dim': 32}}
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v}
     backbone = tiny_convnextv2(num_classes=num_classes)
@@ -261,7 +261,7 @@ def test_fcmae_and_mim_share_one_mask_per_micro_batch():
     cfg = config_from_dict({
         'data': {'train': [{'urls': 'x.tar'}], 'img_size': 128}, 'schedule': {'total_steps': 2},
         'loss': {'mixup_alpha': 0.0, 'cutmix_alpha': 0.0},
-        'objective': {'kind': 'm3i', 'supervised': {'weight': 0.0},
+        'objective': {'kind': 'multi', 'supervised': {'weight': 0.0}, 'contrastive': {'weight': 0.0},
                       'mim': {'weight': 1.0, 'decoder_dim': 16, 'mask_ratio': 0.75},
                       'fcmae': {'weight': 1.0, 'decoder_dim': 16, 'mask_ratio': 0.75}}})
     assert cfg.objective.mask_settings() == (0.75, 32)
@@ -290,7 +290,9 @@ def test_fcmae_config_errors_name_the_key():
             'loss': {'mixup_alpha': 0.0, 'cutmix_alpha': 0.0}}
 
     def objective(**sections):
-        return {**base, 'objective': {'kind': 'm3i', 'supervised': {'weight': 0.0}, **sections}}
+        parts = {'supervised': {'weight': 0.0}, 'contrastive': {'weight': 0.0}, 'mim': {'weight': 0.0},
+                 'fcmae': {'weight': 0.0}}
+        return {**base, 'objective': {'kind': 'multi', **parts, **sections}}
 
     cfg = config_from_dict(objective(fcmae={'weight': 1.0}))
     f = cfg.objective.fcmae

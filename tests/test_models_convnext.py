@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
+from pretrain.engine.optim import build_param_groups
 from pretrain.models import (
     checkpointable_blocks,
     create_backbone,
-    layer_decay_param_groups,
     load_checkpoint,
     set_grad_checkpointing,
 )
@@ -76,10 +76,35 @@ def test_with_cp_key_works_for_convnext_too():
     assert all('forward' in vars(b) for b in checkpointable_blocks(model))
 
 
+@pytest.mark.parametrize('name', [*FAMILIES, 'pelk_t', 'internimage_h'])
+def test_metadata_describes_forward_features(name):
+    """timm's contract, which the objectives build their heads from: ``num_features`` is the width of
+    ``forward_features``'s map, ``output_stride`` its stride, ``head_hidden_size`` the pooled width."""
+    from pretrain.models import output_stride
+
+    small = {'pelk_t': dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
+             'internimage_h': dict(TINY_II, channels=32, groups=(1, 2, 4, 8))}
+    model = create_backbone(name, num_classes=10, **{**FAMILIES.get(name, {}), **small.get(name, {})}).eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, 64, 64))
+        pooled = model.forward_head(feats, pre_logits=True)
+    assert feats.shape[1] == model.num_features
+    assert 64 // feats.shape[-1] == output_stride(model) == (16 if name == 'internimage_h' else 32)
+    assert pooled.shape[1] == model.head_hidden_size
+
+
 @pytest.mark.parametrize('name', list(FAMILIES))
 def test_layer_decay_is_monotone_stem_to_head(name):
+    """The trainer's own groups (pretrain.engine.optim.build_param_groups) for every family, and for timm's families
+    the same lr scale and weight decay per parameter as timm's param_groups_layer_decay (a second implementation)."""
     model = create_backbone(name, num_classes=10, **FAMILIES[name])
-    groups = layer_decay_param_groups(model, weight_decay=0.05, layer_decay=0.8)
+    groups = build_param_groups(model, weight_decay=0.05, layer_decay=0.8)
+    if 'convnext' in name:
+        from timm.optim import param_groups_layer_decay
+
+        def per_param(gs):
+            return {id(p): (g['lr_scale'], g['weight_decay']) for g in gs for p in g['params']}
+        assert per_param(groups) == per_param(param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.8))
     scale = {}
     for g in groups:
         for p in g['params']:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import pretrain.models as pm
 from pretrain.models import InternImage
-from pretrain.models.internimage import InternImageLayer
+from tests.dcnv3_cases import official_dcnv3_core
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_KEYS = REPO.parent / 'shared' / 'spec' / 'internimage_state_dict_keys'
@@ -156,57 +156,110 @@ def test_init_dcn_is_box_filter_of_input_projection():
 
 
 # ------------------------------------------------------------------------------------------------ semantics
-def _reference_layer(layer: InternImageLayer, x: torch.Tensor) -> torch.Tensor:
-    """The official InternImageLayer._inner_forward written out from the spec (eval mode, drop_path inactive)."""
-    if layer.layer_scale:
-        g1, g2 = layer.gamma1, layer.gamma2
-        if layer.post_norm:
-            x = x + g1 * layer.norm1(layer.dcn(x))
-            return x + g2 * layer.norm2(layer.mlp(x))
-        x = x + g1 * layer.dcn(layer.norm1(x))
-        return x + g2 * layer.mlp(layer.norm2(x))
-    if layer.post_norm:
-        x = x + layer.norm1(layer.dcn(x))
-        return x + layer.norm2(layer.mlp(x))
-    if layer.res_post_norm:
-        x = x + layer.res_post_norm1(layer.dcn(layer.norm1(x)))
-        return x + layer.res_post_norm2(layer.mlp(layer.norm2(x)))
-    x = x + layer.dcn(layer.norm1(x))
-    return x + layer.mlp(layer.norm2(x))
+# ------------------------------------------------------------------------------------------------ the official forward
+# An independent transcription of the official forward from ../shared/spec/official-internimage.md (§2.3, §2.4, §3.1),
+# in float64 on the state_dict tensors alone: no submodule of the model runs, the branches follow the constructor
+# arguments (not the model's flags), and DCNv3's core is the official algorithm the DCNv3 tests use
+# (tests/dcnv3_cases.official_dcnv3_core).
+def _ln(x: torch.Tensor, sd: dict, key: str) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], sd[f'{key}.weight'], sd[f'{key}.bias'], eps=1e-6)
 
 
-def _reference_forward(model: InternImage, x: torch.Tensor) -> torch.Tensor:
-    """The official forward (incl. ``forward_clip_projector``) written out from the spec, explicit attention."""
-    x = model.patch_embed(x)
+def _linear(x: torch.Tensor, sd: dict, key: str) -> torch.Tensor:
+    return F.linear(x, sd[f'{key}.weight'], sd.get(f'{key}.bias'))
+
+
+def _official_dcnv3(x: torch.Tensor, sd: dict, key: str, group: int, kw: dict) -> torch.Tensor:
+    """The official ``DCNv3.forward`` (spec §3.1) on NHWC ``x``: kernel 3, stride 1, pad 1, dilation 1."""
+    n, h, w, c = x.shape
+    dw = sd[f'{key}.dw_conv.0.weight']
+    x_proj = _linear(x, sd, f'{key}.input_proj')
+    x1 = F.conv2d(x.permute(0, 3, 1, 2), dw, sd[f'{key}.dw_conv.0.bias'], padding=(dw.shape[-1] - 1) // 2, groups=c)
+    x1 = F.gelu(_ln(x1.permute(0, 2, 3, 1), sd, f'{key}.dw_conv.1.1'))
+    points = 9 - int(kw.get('remove_center', False))
+    offset = _linear(x1, sd, f'{key}.offset')
+    mask = _linear(x1, sd, f'{key}.mask').reshape(n, h, w, group, points).softmax(-1).reshape(n, h, w, -1)
+    out = official_dcnv3_core(x_proj, offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, group, c // group,
+                              kw.get('offset_scale', 1.0), kw.get('remove_center', False))
+    if kw.get('center_feature_scale', False):
+        scale = torch.sigmoid(F.linear(x1, sd[f'{key}.center_feature_scale_proj_weight'],
+                                       sd[f'{key}.center_feature_scale_proj_bias']))
+        scale = scale[..., None].repeat(1, 1, 1, 1, c // group).flatten(-2)
+        out = out * (1 - scale) + x_proj * scale
+    return _linear(out, sd, f'{key}.output_proj')
+
+
+def _official_layer(x: torch.Tensor, sd: dict, key: str, group: int, kw: dict) -> torch.Tensor:
+    """The official ``InternImageLayer._inner_forward`` (spec §2.4; eval, so drop path is the identity)."""
+    def dcn(t):
+        return _official_dcnv3(t, sd, f'{key}.dcn', group, kw)
+
+    def mlp(t):
+        return _linear(F.gelu(_linear(t, sd, f'{key}.mlp.fc1')), sd, f'{key}.mlp.fc2')
+
+    def norm(t, name):
+        return _ln(t, sd, f'{key}.{name}.0')
+
+    if kw.get('layer_scale') is not None:
+        g1, g2 = sd[f'{key}.gamma1'], sd[f'{key}.gamma2']
+        if kw.get('post_norm', False):
+            x = x + g1 * norm(dcn(x), 'norm1')
+            return x + g2 * norm(mlp(x), 'norm2')
+        x = x + g1 * dcn(norm(x, 'norm1'))
+        return x + g2 * mlp(norm(x, 'norm2'))
+    if kw.get('post_norm', False):
+        x = x + norm(dcn(x), 'norm1')
+        return x + norm(mlp(x), 'norm2')
+    if kw.get('res_post_norm', False):
+        x = x + norm(dcn(norm(x, 'norm1')), 'res_post_norm1')
+        return x + norm(mlp(norm(x, 'norm2')), 'res_post_norm2')
+    x = x + dcn(norm(x, 'norm1'))
+    return x + mlp(norm(x, 'norm2'))
+
+
+def _official_forward(sd: dict, kw: dict, x: torch.Tensor) -> torch.Tensor:
+    """The official classifier forward (spec §2.3: stem, levels, then ``conv_head`` or ``forward_clip_projector``)
+    with the weights ``sd`` of an ``InternImage(**kw)``, in float64."""
+    sd = {k: v.double() for k, v in sd.items()}
+    x = F.conv2d(x.double(), sd['patch_embed.conv1.weight'], sd['patch_embed.conv1.bias'], stride=2, padding=1)
+    x = F.gelu(_ln(x.permute(0, 2, 3, 1), sd, 'patch_embed.norm1.1')).permute(0, 3, 1, 2)
+    x = F.conv2d(x, sd['patch_embed.conv2.weight'], sd['patch_embed.conv2.bias'], stride=2, padding=1)
+    x = _ln(x.permute(0, 2, 3, 1), sd, 'patch_embed.norm2.1')
     outs = []
-    for level in model.levels:
-        for j, blk in enumerate(level.blocks):
-            x = _reference_layer(blk, x)
-            ids = level.post_norm_block_ids
-            if ids is not None and j in ids:
-                x = level.post_norms[list(ids).index(j)](x)
-        if not level.post_norm or level.center_feature_scale:
-            x = level.norm(x)
+    levels = len(kw['depths'])
+    for i, (depth, group) in enumerate(zip(kw['depths'], kw['groups'])):
+        post_ids = list(kw.get('level2_post_norm_block_ids') or []) if kw.get('level2_post_norm') and i == 2 else []
+        for j in range(depth):
+            x = _official_layer(x, sd, f'levels.{i}.blocks.{j}', group, kw)
+            if j in post_ids:
+                x = _ln(x, sd, f'levels.{i}.post_norms.{post_ids.index(j)}.0')
+        if not kw.get('post_norm', False) or kw.get('center_feature_scale', False):
+            x = _ln(x, sd, f'levels.{i}.norm.0')
         outs.append(x)
-        if level.downsample is not None:
-            x = level.downsample.norm(level.downsample.conv(x.permute(0, 3, 1, 2)))
-    if not model.use_clip_projector:
-        x = model.conv_head(outs[-1].permute(0, 3, 1, 2))
-        return model.head(x.mean((2, 3)))
-    x = model.dcnv3_head_x4(outs[3].permute(0, 3, 1, 2)) + model.dcnv3_head_x3(outs[2].permute(0, 3, 1, 2))
+        if i < levels - 1:
+            x = F.conv2d(x.permute(0, 3, 1, 2), sd[f'levels.{i}.downsample.conv.weight'], stride=2, padding=1)
+            x = _ln(x.permute(0, 2, 3, 1), sd, f'levels.{i}.downsample.norm.1')
+    if not kw.get('use_clip_projector', False):
+        x = F.conv2d(outs[-1].permute(0, 3, 1, 2), sd['conv_head.0.weight'])
+        x = F.batch_norm(x, sd['conv_head.1.0.running_mean'], sd['conv_head.1.0.running_var'],
+                         sd['conv_head.1.0.weight'], sd['conv_head.1.0.bias'], training=False, eps=1e-5)
+        return _linear(F.gelu(x).mean((2, 3)), sd, 'head')
+    x4 = F.pixel_shuffle(F.conv2d(outs[3].permute(0, 3, 1, 2), sd['dcnv3_head_x4.0.weight'],
+                                  sd['dcnv3_head_x4.0.bias']), 2)
+    x = x4 + F.conv2d(outs[2].permute(0, 3, 1, 2), sd['dcnv3_head_x3.weight'], sd['dcnv3_head_x3.bias'])
     tokens = x.flatten(2).transpose(1, 2)  # (B, N, 1024)
-    cp = model.clip_projector
-    att = cp.cross_dcn
-    q = cp.norm1_q(tokens.mean(1, keepdim=True))
-    k, v = cp.norm1_k(tokens), cp.norm1_v(tokens)
-    b, n, _ = k.shape
-    heads = att.num_heads
-    q = F.linear(q, att.q.weight, att.q_bias).view(b, 1, heads, -1).transpose(1, 2)
-    k = F.linear(k, att.k.weight, att.k_bias).view(b, n, heads, -1).transpose(1, 2)
-    v = F.linear(v, att.v.weight, att.v_bias).view(b, n, heads, -1).transpose(1, 2)
-    attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
-    pooled = att.proj((attn @ v).transpose(1, 2).reshape(b, 1, -1)).squeeze(1)
-    return model.head(model.fc_norm(pooled))
+    cp = 'clip_projector'
+    q = _ln(tokens.mean(1, keepdim=True), sd, f'{cp}.norm1_q.0')
+    k, v = _ln(tokens, sd, f'{cp}.norm1_k.0'), _ln(tokens, sd, f'{cp}.norm1_v.0')
+    b, n, dim = k.shape
+    heads = 16  # the official attnpool_num_heads
+    q = F.linear(q, sd[f'{cp}.cross_dcn.q.weight'], sd[f'{cp}.cross_dcn.q_bias']).view(b, 1, heads, -1)
+    k = F.linear(k, sd[f'{cp}.cross_dcn.k.weight'], sd[f'{cp}.cross_dcn.k_bias']).view(b, n, heads, -1)
+    v = F.linear(v, sd[f'{cp}.cross_dcn.v.weight'], sd[f'{cp}.cross_dcn.v_bias']).view(b, n, heads, -1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    attn = ((q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+    pooled = _linear((attn @ v).transpose(1, 2).reshape(b, 1, -1), sd, f'{cp}.cross_dcn.proj').squeeze(1)
+    return _linear(_ln(pooled, sd, 'fc_norm.0'), sd, 'head')
 
 
 @pytest.mark.parametrize('variant', list(VARIANTS))
@@ -216,9 +269,9 @@ def test_forward_matches_official_semantics(variant):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         got = model(x)
-        expected = _reference_forward(model, x)
+        expected = _official_forward(model.state_dict(), {**TINY, **VARIANTS[variant]}, x)
     assert got.shape == (2, 10)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_variant_dispatch_is_not_degenerate():

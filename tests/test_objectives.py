@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def objective_cfg(**sections) -> ObjectiveConfig:
-    base = {'kind': 'm3i', 'supervised': {'weight': 1.0},
+    base = {'kind': 'multi', 'supervised': {'weight': 1.0}, 'fcmae': {'weight': 0.0},
             'contrastive': {'weight': 1.0, 'embed_dim': 32, 'text_width': 32, 'text_layers': 1, 'text_heads': 2,
                             'context_length': 16},
             'mim': {'weight': 1.0, 'decoder_dim': 16}}
@@ -165,7 +165,7 @@ def test_mim_loss_ignores_visible_cells():
     model = tiny_m3i(contrastive={'weight': 0.0}, supervised={'weight': 0.0})
     x = torch.randn(2, 3, 64, 64)
     mask = random_grid_mask(2, (2, 2), 0.5, torch.Generator().manual_seed(2))
-    teacher = torch.randn(2, model.backbone.head_hidden_size, 2, 2)
+    teacher = torch.randn(2, model.backbone.num_features, 2, 2)
     loss = model(x, mask=mask, teacher_features=teacher)['mim']
     noise = torch.randn_like(teacher)  # (a constant per cell would vanish in the target's LayerNorm)
     changed = teacher + noise * (1 - upsample_mask(mask, (2, 2))[:, None])  # visible cells only
@@ -203,7 +203,7 @@ def test_each_objective_reaches_exactly_its_parameters():
     labels = torch.tensor([1, 2, 3, 4])
     text = {'text': tokens(4), 'text_valid': torch.ones(4, dtype=torch.bool)}
     mask = random_grid_mask(4, (2, 2), 0.5, torch.Generator().manual_seed(0))
-    teacher = torch.randn(4, model.backbone.head_hidden_size, 2, 2)
+    teacher = torch.randn(4, model.backbone.num_features, 2, 2)
     assert _grads(model, labels=labels, counts=counts) == {'backbone', 'backbone.head'}
     assert _grads(model, **text, counts=counts) == {'backbone', 'text', 'image_proj', 'logit_scale'}
     assert _grads(model, mask=mask, teacher_features=teacher, counts=counts) == {'backbone', 'mim_decoder'}
@@ -237,14 +237,19 @@ def test_m3i_config_errors_name_the_key(tmp_path):
 
     base = {'data': {'train': [{'urls': 'x.tar'}]}, 'schedule': {'total_steps': 2},
             'loss': {'mixup_alpha': 0.0, 'cutmix_alpha': 0.0}}
-    with pytest.raises(ConfigError, match='objective: m3i needs at least one objective'):
-        config_from_dict({**base, 'objective': {'kind': 'm3i', 'supervised': {'weight': 0.0}}})
+
+    def multi(**sections):
+        parts = {name: {'weight': 0.0} for name in ('contrastive', 'mim', 'fcmae')}
+        return {'kind': 'multi', 'supervised': {'weight': 1.0}, **parts, **sections}
+
+    with pytest.raises(ConfigError, match='objective: multi needs at least one part with weight > 0'):
+        config_from_dict({**base, 'objective': multi(supervised={'weight': 0.0})})
     with pytest.raises(ConfigError, match='objective.mim.mask_ratio'):
-        config_from_dict({**base, 'objective': {'kind': 'm3i', 'mim': {'weight': 1.0, 'mask_ratio': 1.5}}})
+        config_from_dict({**base, 'objective': multi(mim={'weight': 1.0, 'mask_ratio': 1.5})})
     with pytest.raises(ConfigError, match='objective.zero_shot.classnames: zero-shot evaluation needs the text'):
-        config_from_dict({**base, 'objective': {'kind': 'm3i', 'zero_shot': {'classnames': str(tmp_path)}}})
+        config_from_dict({**base, 'objective': multi(zero_shot={'classnames': str(tmp_path)})})
     with pytest.raises(ConfigError, match='loss.mixup_alpha: Mixup/CutMix belong'):
-        config_from_dict({**base, 'loss': {'mixup_alpha': 0.8}, 'objective': {'kind': 'm3i'}})
+        config_from_dict({**base, 'loss': {'mixup_alpha': 0.8}, 'objective': multi()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,7 +267,7 @@ def m3i_config(path: Path, out: Path, real_data: Path, labelled: str, **over) ->
     cfg = {
         'model': {'name': 'internimage_t', 'num_classes': 200, 'drop_path_rate': 0.1,
                   'kwargs': {'channels': 16, 'depths': [1, 1, 1, 1], 'groups': [1, 2, 4, 8]}},
-        'objective': {'kind': 'm3i', 'supervised': {'weight': 0.5},
+        'objective': {'kind': 'multi', 'supervised': {'weight': 0.5}, 'fcmae': {'weight': 0.0},
                       'contrastive': {'weight': 1.0, 'embed_dim': 32, 'text_width': 32, 'text_layers': 1,
                                       'text_heads': 2, 'context_length': 16},
                       'mim': {'weight': 1.0, 'decoder_dim': 16, 'teacher_decay': 0.9},

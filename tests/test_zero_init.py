@@ -3,7 +3,7 @@ whole and partitioned by DeepSpeed, on 2 CPU ranks under ZeRO-3 in bf16.
 
 The worker (this file's ``__main__`` under torchrun) builds a Trainer with ``zero_init`` off and on for one case,
 gathers the initial parameters and buffers, trains 3 steps on fixed batches and gathers the final weights. Cases:
-InternImage loading an initial checkpoint (``model.checkpoint_path``), ConvNeXt V2 (timm initialises its weights
+InternImage loading an initial checkpoint (``model.init_from``), ConvNeXt V2 (timm initialises its weights
 with ``named_apply`` from the parent, which plain ``zero.Init`` skips), M3I (open_clip's text tower, whose
 ``init_parameters`` also runs from the parent, plus the MIM decoder and teacher), PeLK (a parameter shared by
 several modules) and InternImage with parameter offload (the partitions live in host memory).
@@ -20,12 +20,12 @@ import torch
 from tests.test_engine import TINY_MODEL, run_procs
 
 STEPS, MB = 3, 4
-M3I_OBJECTIVE = {'kind': 'm3i', 'supervised': {'weight': 0.5},
+M3I_OBJECTIVE = {'kind': 'multi', 'supervised': {'weight': 0.5}, 'fcmae': {'weight': 0.0},
                  'contrastive': {'weight': 1.0, 'embed_dim': 32, 'text_width': 32, 'text_layers': 1,
                                  'text_heads': 2, 'context_length': 16},
                  'mim': {'weight': 1.0, 'decoder_dim': 16, 'teacher_decay': 0.9}}
 CASES = {
-    'internimage': {'model': TINY_MODEL},  # + checkpoint_path, written by the worker
+    'internimage': {'model': TINY_MODEL},  # + init_from, written by the worker
     'convnextv2': {'model': {'name': 'convnextv2_atto', 'num_classes': 200, 'drop_path_rate': 0.0,
                              'kwargs': {'dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1]}}},
     'm3i': {'model': TINY_MODEL, 'objective': M3I_OBJECTIVE},
@@ -41,7 +41,7 @@ def _config(case: str, out_dir: str, zero_init: bool, checkpoint: str | None):
     spec = CASES[case]
     model = dict(spec['model'])
     if checkpoint:
-        model['checkpoint_path'] = checkpoint
+        model['init_from'] = checkpoint
     return config_from_dict({
         'model': model,
         'objective': spec.get('objective', {'kind': 'supervised'}),

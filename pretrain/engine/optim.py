@@ -6,10 +6,11 @@ into whatever optimizer holds them (DeepSpeed's ZeRO optimizers expose the inner
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch.nn as nn
+
+from pretrain.common.schedule import cosine_between
 
 __all__ = ['DCN_LR_MUL_KEYS', 'build_param_groups', 'CosineWarmupSchedule', 'scaled_lr', 'describe_groups']
 
@@ -66,13 +67,6 @@ def build_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: fl
         groups[key]['params'].append(p)
         groups[key]['param_names'].append(name)
     return [groups[k] for k in sorted(groups)]
-
-
-def cosine_between(step: int, total_steps: int, start: float, end: float) -> float:
-    """Half a cosine from ``start`` at step 0 to ``end`` at ``total_steps`` (clamped outside): the lr decay, the MIM
-    teacher's EMA decay ramp and the sparsity prune rate."""
-    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
 
 
 def scaled_lr(lr: float, global_batch_size: int, base_batch_size: int, enabled: bool = True) -> float:

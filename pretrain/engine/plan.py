@@ -136,8 +136,8 @@ def plan(cfg, *, world_size: int, gpu_mem_gib: float, reserve_gib: float = 2.0, 
     """The memory plan of ``cfg`` at ``world_size`` ranks on GPUs with ``gpu_mem_gib``: a dict (bytes and GiB)."""
     import dataclasses
 
-    from pretrain.engine.trainer import build_model
     from pretrain.models import checkpointable_blocks
+    from pretrain.objectives import build_model
 
     torch.manual_seed(0)
     # Measured without checkpointing (the hooks see every saved tensor); the checkpointed figure is derived.
@@ -146,7 +146,7 @@ def plan(cfg, *, world_size: int, gpu_mem_gib: float, reserve_gib: float = 2.0, 
     largest_block = max(sum(p.numel() for p in b.parameters()) for b in checkpointable_blocks(model))
     ob = cfg.objective
     teacher = (sum(p.numel() for p in model.backbone.parameters())
-               if ob.kind == 'm3i' and ob.mim.weight > 0 else 0)
+               if ob.kind == 'multi' and ob.weights()['mim'] > 0 else 0)
     ds = cfg.deepspeed
     states = model_state_bytes(num_params, stage=ds.zero_stage, world_size=world_size, precision=ds.precision,
                                ema=cfg.ema.enabled, offload_optimizer=ds.offload_optimizer != 'none',

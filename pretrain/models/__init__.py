@@ -1,20 +1,22 @@
 """Model families registered with timm on import: InternImage (``internimage_t`` ... ``internimage_g``), PeLK
 (``pelk_t``, ``pelk_s``, ``pelk_b``); timm's own ConvNeXt V1/V2 are used as they are. Build any of them with
-:func:`create_backbone`."""
-from pretrain.models.checkpoint import LoadReport, convert_state_dict, load_checkpoint, read_class_index
+:func:`create_backbone` (or :func:`backbone_from_config`); initial weights load through
+:mod:`pretrain.models.weights`."""
 from pretrain.models.factory import (
+    backbone_from_config,
     checkpointable_blocks,
     create_backbone,
-    layer_decay_param_groups,
+    output_stride,
     set_grad_checkpointing,
 )
 from pretrain.models.internimage import MODEL_ARGS as INTERNIMAGE_ARGS
 from pretrain.models.internimage import InternImage
 from pretrain.models.pelk import MODEL_ARGS as PELK_ARGS
 from pretrain.models.pelk import PeLK
+from pretrain.models.weights import LoadReport, convert_state_dict, load_checkpoint, read_class_index
 
 __all__ = [
     'InternImage', 'INTERNIMAGE_ARGS', 'PeLK', 'PELK_ARGS', 'LoadReport', 'load_checkpoint', 'convert_state_dict',
     'read_class_index',
-    'create_backbone', 'set_grad_checkpointing', 'checkpointable_blocks', 'layer_decay_param_groups',
+    'create_backbone', 'backbone_from_config', 'set_grad_checkpointing', 'checkpointable_blocks', 'output_stride',
 ]

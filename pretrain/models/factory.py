@@ -5,10 +5,13 @@ the model family:
 * ``num_classes``, ``drop_rate``, ``drop_path_rate``, ``in_chans``, ``features_only``, ``out_indices`` (timm keys);
 * ``grad_checkpointing`` (bool) and ``grad_checkpointing_every`` (checkpoint every k-th block), or the official
   InternImage ``with_cp`` (same as ``grad_checkpointing=True``);
-* ``checkpoint_path`` (+ ``head_index`` for 21841 -> 1000 heads), loaded by :func:`load_checkpoint`;
+* ``checkpoint_path`` (timm's name; the config's ``model.init_from``) + ``head_index`` for 21841 -> 1000 heads, loaded
+  by :func:`~pretrain.models.weights.load_checkpoint`;
 * any other key goes to the model constructor (e.g. InternImage ``core_op``, ``layer_scale``; ConvNeXt
   ``ls_init_value``, ``use_grn``).
-Layer-wise lr decay is generic through ``group_matcher`` (see :func:`layer_decay_param_groups`).
+Layer-wise lr decay is generic through ``group_matcher`` (``pretrain.engine.optim.build_param_groups``).
+:func:`backbone_from_config` builds one from the ``model`` config section; :func:`output_stride` reads the stride of
+``forward_features``'s map that every family publishes.
 
 ConvNeXt V1/V2 come from timm unchanged; only their blocks' ``forward`` is wrapped (instance attribute, no key
 change) for per-block, every-k-th checkpointing with the same semantics as InternImage's.
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import os
 import types
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -25,10 +29,14 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from timm.models._features import FeatureGetterNet
 
-from pretrain.models.checkpoint import LoadReport, load_checkpoint
 from pretrain.models.internimage import InternImage
+from pretrain.models.weights import LoadReport, load_checkpoint
 
-__all__ = ['create_backbone', 'set_grad_checkpointing', 'checkpointable_blocks', 'layer_decay_param_groups']
+if TYPE_CHECKING:
+    from pretrain.config import ModelConfig
+
+__all__ = ['create_backbone', 'backbone_from_config', 'set_grad_checkpointing', 'checkpointable_blocks',
+           'output_stride']
 
 
 def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
@@ -110,18 +118,21 @@ def create_backbone(
     return model
 
 
-def layer_decay_param_groups(
-        model: nn.Module,
-        weight_decay: float = 0.05,
-        layer_decay: float = 0.9,
-        no_weight_decay_list: Collection[str] = (),
-) -> list[dict]:
-    """Optimizer parameter groups with layer-wise lr decay (``lr_scale`` per group) from ``model.group_matcher``.
+def backbone_from_config(model: ModelConfig, num_classes: int) -> nn.Module:
+    """The backbone a ``model`` config section describes, with ``num_classes`` classes (0: no classifier), its
+    initial weights (``init_from``) loaded and activation checkpointing set."""
+    kwargs = dict(model.kwargs)
+    if model.drop_path_rate is not None:
+        kwargs['drop_path_rate'] = model.drop_path_rate
+    return create_backbone(model.name, num_classes=num_classes, checkpoint_path=model.init_from,
+                           head_index=model.head_index, checkpoint_use_ema=model.init_from_ema,
+                           grad_checkpointing=model.grad_checkpointing,
+                           grad_checkpointing_every=model.grad_checkpointing_every, **kwargs)
 
-    Same for every family: stem first, blocks in forward order, head last (scale 1.0). 1-D parameters and biases
-    get no weight decay.
-    """
-    from timm.optim import param_groups_layer_decay
 
-    return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
-                                    no_weight_decay_list=no_weight_decay_list)
+def output_stride(model: nn.Module) -> int:
+    """Pixels per cell of ``model.forward_features``'s map: the model's ``output_stride`` when it publishes one
+    (InternImage: 16 for H/G, whose head fuses stage 3 with the upsampled stage 4), else the reduction of the last
+    stage in timm's ``feature_info`` (ConvNeXt V1/V2, PeLK: 32)."""
+    stride = getattr(model, 'output_stride', None)
+    return int(stride if stride is not None else model.feature_info[-1]['reduction'])

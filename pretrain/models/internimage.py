@@ -355,7 +355,8 @@ class InternImage(nn.Module):
 
     timm split: ``forward_features`` ends with the map the pooling head consumes, NCHW:
     ``(B, int(C4*cls_scale), H/32, W/32)`` after ``conv_head`` (T..XL) or ``(B, 1024, H/16, W/16)`` (H/G);
-    ``forward_head`` pools and classifies.
+    ``forward_head`` pools and classifies. ``num_features`` / ``output_stride`` are that map's channels and stride,
+    ``head_hidden_size`` the pooled width (768 for T and for H/G); ``feature_info`` describes the four levels.
     """
 
     block_layout = 'NHWC'  # its blocks take channels-last input (pretrain.objectives.masking.block_layout)
@@ -399,7 +400,7 @@ class InternImage(nn.Module):
         self.num_levels = len(depths)
         self.depths = list(depths)
         self.channels = channels
-        self.num_features = int(channels * 2 ** (self.num_levels - 1))
+        last_channels = int(channels * 2 ** (self.num_levels - 1))
         self.post_norm = post_norm
         self.mlp_ratio = mlp_ratio
         self.use_clip_projector = use_clip_projector
@@ -446,21 +447,26 @@ class InternImage(nn.Module):
             ))
             self.feature_info.append(dict(num_chs=level_channels, reduction=4 * 2 ** i, module=f'levels.{i}'))
 
+        # timm's metadata, as its EfficientNet (whose forward_features also ends with a conv head) publishes it:
+        # num_features = channels of forward_features's map, head_hidden_size = width of forward_head(pre_logits=True),
+        # output_stride = pixels per cell of that map (H/G fuse stage 3 with the upsampled stage 4 at stride 16).
         if not use_clip_projector:
-            self.head_hidden_size = int(self.num_features * cls_scale)
+            self.num_features = self.head_hidden_size = int(last_channels * cls_scale)
+            self.output_stride = self.feature_info[-1]['reduction']
             self.conv_head = nn.Sequential(
-                nn.Conv2d(self.num_features, self.head_hidden_size, kernel_size=1, bias=False),
+                nn.Conv2d(last_channels, self.head_hidden_size, kernel_size=1, bias=False),
                 build_norm_layer(self.head_hidden_size, 'BN', 'channels_first', 'channels_first'),
                 build_act_layer(act_layer),
             )
             self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         else:
-            self.head_hidden_size = CLIP_EMBED_DIM
+            self.num_features, self.head_hidden_size = CLIP_PRETRAIN_EMBED_DIM, CLIP_EMBED_DIM
+            self.output_stride = self.feature_info[-2]['reduction']
             self.dcnv3_head_x4 = nn.Sequential(
-                nn.Conv2d(self.num_features, CLIP_PRETRAIN_EMBED_DIM * CLIP_UPSAMPLE_STRIDE ** 2, kernel_size=1),
+                nn.Conv2d(last_channels, CLIP_PRETRAIN_EMBED_DIM * CLIP_UPSAMPLE_STRIDE ** 2, kernel_size=1),
                 nn.PixelShuffle(CLIP_UPSAMPLE_STRIDE),
             )
-            self.dcnv3_head_x3 = nn.Conv2d(self.num_features // 2, CLIP_PRETRAIN_EMBED_DIM, kernel_size=1)
+            self.dcnv3_head_x3 = nn.Conv2d(last_channels // 2, CLIP_PRETRAIN_EMBED_DIM, kernel_size=1)
             self.clip_projector = AttentionPoolingBlock(
                 dim=CLIP_PRETRAIN_EMBED_DIM, num_heads=CLIP_ATTNPOOL_NUM_HEADS, qkv_bias=True, qk_scale=None,
                 drop=0.0, attn_drop=0.0, norm_layer=norm_layer, out_dim=CLIP_EMBED_DIM)
@@ -654,7 +660,7 @@ class InternImage(nn.Module):
 
 def checkpoint_filter_fn(state_dict: dict, model: InternImage) -> dict:
     """timm pretrained-weight filter: unwraps the official ``{'model': ...}`` file and renames other layouts."""
-    from pretrain.models.checkpoint import convert_state_dict
+    from pretrain.models.weights import convert_state_dict
 
     return convert_state_dict(state_dict, model)[0]
 

@@ -1,6 +1,8 @@
-"""Training objectives: supervised classification and the M3I composition (image-text contrastive, supervised, FCMAE,
-masked image modelling with an EMA teacher). See docs/OBJECTIVES.md."""
+"""Training objectives: supervised classification and the multi-objective composition (``objective.kind: multi``,
+M3I-style: image-text contrastive, supervised, FCMAE, masked image modelling with an EMA teacher). Each kind owns
+the module DeepSpeed trains (:func:`build_model`) and its loss (:func:`build_objective_step`). See
+docs/OBJECTIVES.md."""
 from pretrain.objectives.m3i import M3IModel
-from pretrain.objectives.steps import M3IStep, SupervisedStep, build_objective_step
+from pretrain.objectives.steps import M3IStep, SupervisedStep, build_model, build_objective_step
 
-__all__ = ['M3IModel', 'M3IStep', 'SupervisedStep', 'build_objective_step']
+__all__ = ['M3IModel', 'M3IStep', 'SupervisedStep', 'build_model', 'build_objective_step']

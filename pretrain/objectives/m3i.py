@@ -1,4 +1,4 @@
-"""M3I-style multi-objective pretraining: one student forward, several targets, a weighted sum.
+"""M3I-style multi-objective pretraining (``objective.kind: multi``): one student forward, several targets, a sum.
 
 M3I (Su et al., CVPR 2023) pretrains InternImage-H by maximising the mutual information between one input and
 several targets; no code was released (../shared/spec/objectives-and-models.md §A). What is built here, per step:
@@ -30,8 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain.common.schedule import cosine_between
 from pretrain.config import ObjectiveConfig
-from pretrain.engine.optim import cosine_between
 from pretrain.objectives.contrastive import LogitScale, build_text_tower, contrastive_loss
 from pretrain.objectives.fcmae import fcmae_loss
 from pretrain.objectives.masking import MaskedDecoder, dense_masking, masked_mean, normalized, upsample_mask
@@ -40,23 +40,17 @@ __all__ = ['M3IModel', 'feature_dim', 'feature_stride', 'pooled_dim']
 
 
 def feature_dim(backbone: nn.Module) -> int:
-    """Channels of ``backbone.forward_features``'s map (what the MIM teacher's targets have)."""
-    from pretrain.models.internimage import CLIP_PRETRAIN_EMBED_DIM, InternImage
-
-    if isinstance(backbone, InternImage):
-        return CLIP_PRETRAIN_EMBED_DIM if backbone.use_clip_projector else backbone.head_hidden_size
-    return backbone.num_features
+    """Channels of ``backbone.forward_features``'s map (what the MIM teacher's targets have): timm's
+    ``num_features``."""
+    return int(backbone.num_features)
 
 
 def feature_stride(backbone: nn.Module) -> int:
     """Pixels per cell of ``backbone.forward_features``'s map (FCMAE predicts one ``stride x stride`` patch per
-    cell): 16 for InternImage-H/G (their head fuses stage 3 and the upsampled stage 4), else the last stage's
-    reduction (32 for InternImage T..XL, ConvNeXt V1/V2, PeLK)."""
-    from pretrain.models.internimage import InternImage
+    cell), as the backbone publishes it (:func:`pretrain.models.output_stride`)."""
+    from pretrain.models import output_stride
 
-    if isinstance(backbone, InternImage) and backbone.use_clip_projector:
-        return 16
-    return int(backbone.feature_info[-1]['reduction'])
+    return output_stride(backbone)
 
 
 def pooled_dim(backbone: nn.Module) -> int:
@@ -72,12 +66,11 @@ class M3IModel(nn.Module):
     def __init__(self, backbone: nn.Module, cfg: ObjectiveConfig, label_smoothing: float = 0.0):
         super().__init__()
         self.backbone = backbone
-        self.weights = {'supervised': cfg.supervised.weight, 'contrastive': cfg.contrastive.weight,
-                        'mim': cfg.mim.weight, 'fcmae': cfg.fcmae.weight}
+        self.weights = cfg.weights()
         self.label_smoothing = label_smoothing
         self.contrastive_cfg = cfg.contrastive
         c = cfg.contrastive
-        if c.weight > 0:
+        if self.weights['contrastive'] > 0:
             vocab = _tokenizer_vocab_size(c.tokenizer)
             self.text = build_text_tower(c.embed_dim, width=c.text_width, layers=c.text_layers, heads=c.text_heads,
                                          context_length=c.context_length, vocab_size=vocab)
@@ -86,10 +79,10 @@ class M3IModel(nn.Module):
             if isinstance(self.image_proj, nn.Linear):
                 nn.init.normal_(self.image_proj.weight, std=pdim ** -0.5)
             self.logit_scale = LogitScale(c.init_temperature, c.max_logit_scale)
-        if cfg.mim.weight > 0:
+        if self.weights['mim'] > 0:
             fdim = feature_dim(backbone)
             self.mim_decoder = MaskedDecoder(fdim, fdim, dim=cfg.mim.decoder_dim, depth=cfg.mim.decoder_depth)
-        if cfg.fcmae.weight > 0:
+        if self.weights['fcmae'] > 0:
             f = cfg.fcmae
             self.fcmae_decoder = MaskedDecoder(feature_dim(backbone), feature_stride(backbone) ** 2 * 3,
                                                dim=f.decoder_dim, depth=f.decoder_depth)

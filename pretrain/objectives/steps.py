@@ -2,9 +2,12 @@
 
 - :class:`SupervisedStep` (``objective.kind: supervised``): the backbone's logits, cross-entropy with label
   smoothing, or soft targets under Mixup/CutMix (the fine-tuning stages); evaluation: top-1/top-5.
-- :class:`M3IStep` (``objective.kind: m3i``): the :class:`~pretrain.objectives.m3i.M3IModel` losses; keeps the MIM
-  teacher (an :class:`~pretrain.engine.ema.EMA` of the backbone, checkpointed as ``teacher``); evaluation: top-1/top-5
-  of the classifier (when trained) and zero-shot classification with the text tower.
+- :class:`M3IStep` (``objective.kind: multi``, alias ``m3i``): the :class:`~pretrain.objectives.m3i.M3IModel`
+  losses; keeps the MIM teacher (an :class:`~pretrain.common.ema.EMA` of the backbone, checkpointed as ``teacher``);
+  evaluation: top-1/top-5 of the classifier (when trained) and zero-shot classification with the text tower.
+
+Each kind also owns the module DeepSpeed trains (:func:`build_model`: the backbone, or the backbone inside
+:class:`~pretrain.objectives.m3i.M3IModel`), as torchtitan's train spec owns the model and the loss.
 
 Every evaluation is collective (ZeRO-3 forwards): ranks whose share of the val set ran out run a dummy batch until
 every rank is done, and the counts are summed over ranks.
@@ -21,7 +24,7 @@ from pretrain.config import TrainConfig
 from pretrain.engine import dist as edist
 from pretrain.objectives.masking import random_grid_mask
 
-__all__ = ['SupervisedStep', 'M3IStep', 'build_objective_step', 'classification_eval']
+__all__ = ['SupervisedStep', 'M3IStep', 'build_model', 'build_objective_step', 'classification_eval']
 
 
 def classification_eval(predict: Callable[[torch.Tensor], torch.Tensor], loader, *, device, dtype, img_size: int,
@@ -101,15 +104,14 @@ class M3IStep:
     """Multi-objective: see :mod:`pretrain.objectives.m3i`."""
 
     def __init__(self, cfg: TrainConfig, engine, world_size: int, device, dtype, total_steps: int, rank: int):
-        from pretrain.engine.ema import EMA
+        from pretrain.common.ema import EMA
 
         self.cfg, self.engine, self.device, self.dtype = cfg, engine, device, dtype
         self.rank, self.total_steps = rank, total_steps
         self.model = engine.module
         ob = cfg.objective
-        self.use = {'supervised': ob.supervised.weight > 0 and self.model.has_classifier,
-                    'contrastive': ob.contrastive.weight > 0, 'mim': ob.mim.weight > 0,
-                    'fcmae': ob.fcmae.weight > 0}
+        self.use = {name: w > 0 for name, w in ob.weights().items()}
+        self.use['supervised'] = self.use['supervised'] and self.model.has_classifier
         self.needs_text = self.use['contrastive']
         self.teacher = EMA(self.model.backbone, ob.mim.teacher_decay) if self.use['mim'] else None
         self.averages = {'teacher': self.teacher} if self.teacher is not None else {}
@@ -216,3 +218,21 @@ def build_objective_step(cfg: TrainConfig, engine, *, world_size: int, rank: int
     if cfg.objective.kind == 'supervised':
         return SupervisedStep(cfg, engine, world_size, device, dtype)
     return M3IStep(cfg, engine, world_size, device, dtype, total_steps, rank)
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The module DeepSpeed trains for ``cfg.objective.kind``: the backbone of ``cfg.model`` (supervised), or that
+    backbone inside an :class:`~pretrain.objectives.m3i.M3IModel` (multi; its keys ``backbone.*``), built without a
+    classifier when the supervised part's weight is 0. Keeps the backbone's ``load_report`` (``model.init_from``)."""
+    from pretrain.models import backbone_from_config
+
+    ob = cfg.objective
+    if ob.kind == 'supervised':
+        return backbone_from_config(cfg.model, num_classes=cfg.model.num_classes)
+    from pretrain.objectives.m3i import M3IModel
+
+    classes = cfg.model.num_classes if ob.weights()['supervised'] > 0 else 0
+    backbone = backbone_from_config(cfg.model, num_classes=classes)
+    model = M3IModel(backbone, ob, label_smoothing=cfg.loss.label_smoothing)
+    model.load_report = getattr(backbone, 'load_report', None)
+    return model

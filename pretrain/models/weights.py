@@ -1,4 +1,5 @@
-"""Loading released and in-house checkpoints into InternImage (and any timm model) with a clear report.
+"""Weight import (``model.init_from``): released and in-house weight files loaded into InternImage (and any timm model)
+with a clear report; not the training state (pretrain/engine/checkpoint.py) nor activation checkpointing.
 
 Accepted layouts (detected from the file, combinable):
 * top-level wrappers: ``{'model': sd}`` (official classification), ``{'state_dict': sd}`` (mmdet/mmseg),
