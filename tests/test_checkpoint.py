@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.engine.checkpoint import MARKER, CheckpointManager, TrainState, _describe_failure
-from tests.test_engine import REPO, _env, _torchrun, run_procs, stage_config
+from tests.test_engine import REPO, _env, _torchrun, kill_run, run_procs, stage_config
 
 # ----------------------------------------------------------------------------------------------------------------
 # one process
@@ -123,22 +122,6 @@ def test_the_ranks_agree_on_the_checkpoint_they_resume_from(tmp_path):
         assert 'rank 0 cannot' not in r['error']
 
 
-def _kill_run(proc: subprocess.Popen) -> None:
-    """kill -9 a torchrun and its rank processes (each rank runs in a session of its own), and wait until they are
-    gone (the kernel drops their locks as they exit)."""
-    ranks = [int(p) for p in subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True,
-                                            text=True).stdout.split()]
-    for pid in ranks:
-        os.kill(pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.time() + 30
-    while any(os.path.exists(f'/proc/{pid}') and 'Z' not in Path(f'/proc/{pid}/stat').read_text().split()[2]
-              for pid in ranks):
-        assert time.time() < deadline, f'rank processes {ranks} still alive'
-        time.sleep(0.1)
-
-
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not path.exists():
@@ -175,7 +158,7 @@ def test_one_run_per_output_folder(tmp_path):
         assert requeued[0].get('error') is None and requeued[0]['took_over']['pid'] == holder['pid']
         assert json.loads((out / 'RUN_LOCK').read_text())['pid'] == requeued[0]['pid']
     finally:
-        _kill_run(first)
+        kill_run(first)
 
     # killed: the lock went with its holder (the lock file is left behind, naming it)
     second_dir = tmp_path / 'killed_holder'
@@ -186,7 +169,7 @@ def test_one_run_per_output_folder(tmp_path):
     try:
         _wait_for(second_dir / 'locked_0', holder)
     finally:
-        _kill_run(holder)
+        kill_run(holder)
     stale = json.loads((out / 'RUN_LOCK').read_text())
     after = _run_worker(2, 'lock', tmp_path / 'after_kill', str(out), '0')
     assert [r.get('error') for r in after] == [None, None]
@@ -269,7 +252,7 @@ def test_a_second_run_on_a_live_runs_folder_is_refused_and_a_killed_runs_folder_
         assert f'File "{REPO / "pretrain"}' not in second.stderr, second.stderr[-3000:]
         assert first.poll() is None  # untouched by the refused run
     finally:
-        _kill_run(first)
+        kill_run(first)
     again = run_procs(2, ['-m', 'pretrain', 'train', str(cfg)])
     assert f'resumed from {ckpts / "step_00000002"} at step 2 (exact)' in again
     assert (ckpts / 'step_00000006' / MARKER).is_file()

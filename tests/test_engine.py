@@ -212,6 +212,22 @@ def run_procs(nproc: int, args: list[str], timeout: float = 300, extra_env: dict
     return res.stdout + res.stderr
 
 
+def kill_run(proc: subprocess.Popen) -> None:
+    """kill -9 a torchrun started with ``start_new_session`` and its rank processes (each rank runs in a session of
+    its own, out of reach of ``killpg``), and wait until the ranks are gone (the kernel then drops their locks)."""
+    ranks = [int(p) for p in subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True,
+                                            text=True).stdout.split()]
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while any(os.path.exists(f'/proc/{pid}') and Path(f'/proc/{pid}/stat').read_text().split()[2] != 'Z'
+              for pid in ranks):
+        assert time.time() < deadline, f'rank processes {ranks} still alive'
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope='module')
 def shards(real_data, tmp_path_factory) -> str:
     """32 real ImageNet photos (shrunk to 64 px) in 4 shards of 8, labels 0..199 from the sorted class ids."""
@@ -257,6 +273,11 @@ def ema_of(step_dir: str) -> dict[str, torch.Tensor]:
 def losses(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
     return [r['loss']['ce'] for r in rows if r['split'] == 'train']
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (relative path -> size)."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
 def assert_bitwise(a: dict, b: dict, what: str):
@@ -544,11 +565,8 @@ def test_kill_during_save_resumes_from_previous_complete(shards, uninterrupted, 
             assert proc.poll() is None, 'the run ended before the save of step 4'
             time.sleep(0.2)
         assert (target / 'rank_00000.pt').exists(), 'the save of step 4 never started'
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-save
-        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_run(proc)  # torchrun and both ranks, mid-save
     assert not (target / 'COMPLETE').exists() and (ckpts / 'step_00000002' / 'COMPLETE').exists()
     out = run_procs(2, ['-m', 'pretrain', 'train', str(cfg)])
     assert 'step_00000002 at step 2 (exact)' in out
@@ -572,7 +590,10 @@ def test_resume_on_one_rank_from_two_rank_checkpoint(shards, uninterrupted, tmp_
                        checkpoint={'interval_steps': 1, 'keep_last': 5})
     out = run_procs(1, ['-m', 'pretrain', 'train', str(cfg)])
     assert '(universal)' in out and 'data loader position' in out
-    assert (run / 'checkpoints' / 'step_00000003' / 'global_step3_universal').is_dir()
+    assert 'universal conversion done' in out
+    # the committed folder was not written: the conversion lived beside it, until step 4 committed
+    assert _listing(run / 'checkpoints' / 'step_00000003') == _listing(src)
+    assert not (run / 'checkpoints' / 'step_00000003.universal').exists()
     summary = json.loads((run / 'summary.json').read_text())
     assert summary['step'] == 6 and summary['world_size'] == 1
     # the first 1-rank checkpoint (step 4) started from the 2-rank weights: one AdamW step (lr <= 2e-3) away
@@ -650,6 +671,7 @@ def test_weights_only_restart_at_another_world_size_says_so(shards, uninterrupte
                        schedule={'total_steps': 4, 'warmup_steps': 2})
     out = run_procs(1, ['-m', 'pretrain', 'train', str(cfg)])
     assert '(weights_only)' in out and 'optimizer state (weights-only restart' in out
+    assert _listing(run / 'checkpoints' / 'step_00000003') == _listing(src)  # no 'latest' written into it
     saved = consolidated(str(src), 3)
     after = consolidated(str(run / 'checkpoints' / 'step_00000004'), 4)
     params = [k for k in saved if 'running_' not in k and 'num_batches' not in k]

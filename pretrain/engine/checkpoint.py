@@ -533,9 +533,10 @@ class CheckpointManager:
         out = os.path.join(plan.universal_dir, plan.ds_tag)
         done, failed = os.path.join(out, '.converted'), os.path.join(plan.universal_dir, 'FAILED')
         src = os.path.join(plan.step_dir, f'global_step{plan.step}')
+        if self.rank == 0 and os.path.exists(failed):
+            os.unlink(failed)  # an earlier attempt's
+        edist.barrier()  # quick: no rank reads a stale FAILED
         if self.rank == 0 and not os.path.isfile(done):
-            if os.path.exists(failed):
-                os.unlink(failed)
             try:
                 self._convert(src, plan, out)
             except Exception as e:
