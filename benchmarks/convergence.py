@@ -1,0 +1,117 @@
+"""Convergence on a known data set: Fashion-MNIST top-1 of a small InternImage against a ConvNeXt of its size.
+
+Each model is trained from scratch through the real engine (``torchrun --nproc_per_node 2 -m pretrain train``:
+2 CPU ranks with gloo, ZeRO-2, bf16, EMA, one intra-op thread and one loader worker per rank) on the 60,000
+training images and evaluated on the 10,000 test images, with the same recipe and budget (the two stage configs
+differ only in ``model``). Per model it reports the parameter count, the wall time of the whole training command
+(start-up, training, the evaluations, the final checkpoint), the final top-1 of the raw and the EMA weights, and the
+machine's load average before and after (the timings are only comparable on an otherwise idle machine).
+
+    python benchmarks/convergence.py                               # the 15-minute budget (configs as shipped)
+    python benchmarks/convergence.py --epochs 12                   # the longer run
+    python benchmarks/convergence.py --epochs 0.2 --only internimage   # a short probe
+
+Writes the shards first when they are missing (``python -m data_pipelines write idx``, under runs/fashion_mnist),
+and a JSON record of every result to ``runs/fashion_mnist/convergence-<time>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO / 'runs' / 'fashion_mnist'
+CONFIGS = {'internimage': 'configs/stage/fashion_mnist_internimage.yaml',
+           'convnext': 'configs/stage/fashion_mnist_convnext.yaml'}
+
+
+def load_average() -> float:
+    """The 1-minute load average (``uptime``'s first figure)."""
+    return os.getloadavg()[0]
+
+
+def train(name: str, config: str, overrides: list[str], out_dir: Path, log: Path) -> dict:
+    """Run one training command; returns {model, wall_s, top1_raw, top1_ema, steps, params, load_before/after}."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'pretrain', 'train', config,
+           f'run.output_dir={out_dir}', *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    load_before = load_average()
+    cpu_before = _children_cpu_s()
+    t0 = time.perf_counter()
+    with open(log, 'w') as f:
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall_s = time.perf_counter() - t0
+    cpu_s = _children_cpu_s() - cpu_before
+    if code != 0:
+        raise SystemExit(f'{name}: training failed (exit {code}); log: {log}')
+    summary = json.loads((out_dir / 'summary.json').read_text())
+    evaluation = summary['eval']
+    return {'model': name, 'config': config, 'command': ' '.join(cmd[1:]), 'wall_s': round(wall_s, 1),
+            'cpu_s': round(cpu_s, 1),
+            'steps': summary['step'], 'samples_seen': summary['samples_seen'],
+            'top1_raw': evaluation['raw']['top1'], 'top1_ema': evaluation.get('ema', {}).get('top1'),
+            'params': count_params(config), 'load_before': load_before, 'load_after': load_average()}
+
+
+def _children_cpu_s() -> float:
+    # CPU seconds of finished child processes (ranks and loader workers): on a shared machine, wall time grows with
+    # the other jobs' load, CPU time much less; an idle 2-core machine needs about cpu_s / 2 of wall time.
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def count_params(config: str) -> int:
+    """Parameters of the config's model (built on the CPU, as in training)."""
+    import timm
+
+    import pretrain.models  # noqa: F401  (registers InternImage with timm)
+    from pretrain.config import load_config
+
+    model_cfg = load_config(str(REPO / config)).model
+    model = timm.create_model(model_cfg.name, num_classes=model_cfg.num_classes, **model_cfg.kwargs)
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--epochs', type=float, default=None, help='override schedule.epochs of both configs')
+    parser.add_argument('--only', choices=sorted(CONFIGS), action='append', help='run only this model (repeatable)')
+    parser.add_argument('--tag', default=time.strftime('%Y%m%d-%H%M%S', time.gmtime()), help='output folder suffix')
+    parser.add_argument('overrides', nargs='*', help='key.sub=value, applied to both configs')
+    args = parser.parse_args(argv)
+    from pretrain.demo import fashion_mnist_jobs, write_verified_shards
+
+    os.chdir(REPO)
+    write_verified_shards(fashion_mnist_jobs(), DATA)  # the shards named by both configs (written once)
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.append(f'schedule.epochs={args.epochs}')
+    results = []
+    for name in args.only or list(CONFIGS):
+        out_dir = DATA / f'convergence-{args.tag}' / name
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        result = train(name, CONFIGS[name], overrides, out_dir, out_dir.parent / f'{name}.log')
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    record = DATA / f'convergence-{args.tag}.json'
+    record.write_text(json.dumps({'overrides': overrides, 'cpus': os.cpu_count(), 'results': results}, indent=1))
+    print('\n| model | params | steps | wall (s) | CPU (s) | top-1 raw | top-1 EMA | load before/after |')
+    print('|---|---|---|---|---|---|---|---|')
+    for r in results:
+        print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+              f"{r['top1_raw']:.2f} | "
+              f"{r['top1_ema'] if r['top1_ema'] is None else round(r['top1_ema'], 2)} | "
+              f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
+    print(f'record: {record}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
