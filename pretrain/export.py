@@ -52,9 +52,11 @@ from pathlib import Path
 
 import torch
 
+from pretrain.common.safe_load import UnsafeCheckpointError, check_folder, safe_load
 from pretrain.engine.checkpoint import MARKER, STEP_DIR, atomic_torch_save, find_complete_checkpoints, load_average
 
 __all__ = ['ExportError', 'ExportMeta', 'Exported', 'FORMATS', 'WEIGHTS', 'consolidate', 'write', 'export',
+           'deploy_state_dict',
            'resolve_checkpoint', 'backbone_state_dict', 'default_path', 'main']
 
 FORMATS = ('official', 'timm', 'safetensors', 'backbone')
@@ -157,17 +159,18 @@ def _fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_deepspeed(step_dir: Path, step: int, notes: list[str]) -> dict[str, torch.Tensor]:
+def _read_deepspeed(step_dir: Path, step: int, notes: list[str], trust_pickle: bool) -> dict[str, torch.Tensor]:
     tag_dir = step_dir / f'global_step{step}'
     if not tag_dir.is_dir():
         raise ExportError(f'{step_dir}: no DeepSpeed save {tag_dir.name}/')
+    check_folder(tag_dir, trust_pickle=trust_pickle)  # zero_to_fp32 unpickles unrestricted
     if any(tag_dir.glob('*optim_states.pt')):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
             return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=tag_dir.name)
-    # ZeRO-0: the whole module is in the model states file (a DeepSpeed file with Python objects: trusted input).
-    states = torch.load(tag_dir / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)
+    # ZeRO-0: the whole module is in the model states file
+    states = safe_load(tag_dir / 'mp_rank_00_model_states.pt', trust_pickle=trust_pickle)
     sd = states['module']
     low = sorted({str(v.dtype) for v in sd.values() if v.is_floating_point() and v.dtype != torch.float32})
     if low:
@@ -188,7 +191,7 @@ def _read_average(step_dir: Path, name: str) -> dict[str, torch.Tensor]:
     return average
 
 
-def _read_step_dir(step_dir: Path, weights: str) -> tuple[dict, dict | None, ExportMeta]:
+def _read_step_dir(step_dir: Path, weights: str, trust_pickle: bool) -> tuple[dict, dict | None, ExportMeta]:
     import yaml
 
 
@@ -206,11 +209,11 @@ def _read_step_dir(step_dir: Path, weights: str) -> tuple[dict, dict | None, Exp
         meta.model_kwargs = dict(config['model'].get('kwargs') or {})
         meta.zero_stage = config.get('deepspeed', {}).get('zero_stage')
     average = _read_average(step_dir, weights) if weights != 'raw' else None  # fail on a missing EMA before reading
-    raw = _read_deepspeed(step_dir, step, meta.notes)
+    raw = _read_deepspeed(step_dir, step, meta.notes, trust_pickle)
     return raw, average, meta
 
 
-def _read_file(path: Path, weights: str) -> tuple[dict, dict | None, ExportMeta]:
+def _read_file(path: Path, weights: str, trust_pickle: bool) -> tuple[dict, dict | None, ExportMeta]:
     from pretrain.models.weights import unwrap_checkpoint
 
     meta = None
@@ -227,7 +230,7 @@ def _read_file(path: Path, weights: str) -> tuple[dict, dict | None, ExportMeta]
             cfg = json.loads((path.parent / 'config.json').read_text())
             meta = ExportMeta(model=cfg.get('architecture'), model_kwargs=dict(cfg.get('model_args') or {}))
     else:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        obj = safe_load(path, trust_pickle=trust_pickle)
         if isinstance(obj, dict) and isinstance(obj.get('meta'), dict):
             meta = ExportMeta.from_dict(obj['meta'])
     meta = meta or ExportMeta()
@@ -288,17 +291,24 @@ def _check_keys(sd: dict, model, what: str) -> None:
 
 
 def consolidate(path: str | os.PathLike, weights: str = 'raw', *, model: str | None = None,
-                model_kwargs: dict | None = None) -> tuple[dict[str, torch.Tensor], ExportMeta]:
+                model_kwargs: dict | None = None, trust_pickle: bool = False
+                ) -> tuple[dict[str, torch.Tensor], ExportMeta]:
     """The backbone's fp32 state_dict (official InternImage keys, classifier included when it has one) and its
     :class:`ExportMeta`, from a checkpoint, run folder or weights file (module docstring).
 
     ``weights``: 'raw', 'ema' or 'teacher' (the saved weight averages). ``model`` / ``model_kwargs`` override the
-    architecture named by the source (needed for files written elsewhere). Raises :class:`ExportError`.
+    architecture named by the source (needed for files written elsewhere). Every file is read under
+    :mod:`pretrain.common.safe_load`'s allow-list unless ``trust_pickle``. Raises :class:`ExportError` (also for a
+    file refused as unsafe).
     """
     if weights not in WEIGHTS:
         raise ExportError(f'weights must be one of {WEIGHTS}, got {weights!r}')
     src = resolve_checkpoint(path)
-    raw, average, meta = _read_step_dir(src, weights) if src.is_dir() else _read_file(src, weights)
+    try:
+        read = _read_step_dir if src.is_dir() else _read_file
+        raw, average, meta = read(src, weights, trust_pickle)
+    except UnsafeCheckpointError as e:
+        raise ExportError(str(e)) from e
     if model is not None:
         meta.model = model
     if model_kwargs is not None:
@@ -435,13 +445,36 @@ class Exported:
     details: dict[str, str]  # format -> what it holds
 
 
+def deploy_state_dict(sd: dict[str, torch.Tensor], meta: ExportMeta) -> dict[str, torch.Tensor]:
+    """The structurally re-parameterised (inference) form of ``sd``: the model is built, loaded and passed through
+    ``timm.utils.reparameterize_model`` (RepLKNet: BN folded, 5x5 merged into one K x K conv with bias);
+    ``meta.model_kwargs`` gains the model's ``deploy_kwargs`` so the result loads back. Raises :class:`ExportError`
+    for a model without a deploy form."""
+    from timm.utils import reparameterize_model
+
+    from pretrain.models import create_backbone
+
+    model = create_backbone(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
+    if getattr(model, 'deploy_kwargs', None) is None:
+        raise ExportError(f'{meta.model} has no re-parameterised (deploy) form; export it without --deploy')
+    model.load_state_dict(sd, strict=True)
+    reparameterize_model(model.eval(), inplace=True)
+    meta.model_kwargs = {**meta.model_kwargs, **model.deploy_kwargs}
+    meta.notes.append(f'deploy: re-parameterised by timm.utils.reparameterize_model ({len(sd)} -> '
+                      f'{len(model.state_dict())} tensors)')
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
 def export(checkpoint: str | os.PathLike, formats: str | list[str], out: str | os.PathLike, weights: str = 'raw',
-           *, model: str | None = None, model_kwargs: dict | None = None) -> Exported:
+           *, model: str | None = None, model_kwargs: dict | None = None, trust_pickle: bool = False,
+           deploy: bool = False) -> Exported:
     """Consolidate ``checkpoint`` once and write each of ``formats`` ('all': every one). ``out`` is the path of a
     single format, or a folder (for several formats, or one that exists) where files get :func:`default_path`
-    names."""
+    names. ``deploy``: write the re-parameterised form (:func:`deploy_state_dict`)."""
     formats = list(FORMATS) if formats == 'all' else [formats] if isinstance(formats, str) else list(formats)
-    sd, meta = consolidate(checkpoint, weights, model=model, model_kwargs=model_kwargs)
+    sd, meta = consolidate(checkpoint, weights, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle)
+    if deploy:
+        sd = deploy_state_dict(sd, meta)
     out = Path(out)
     result = Exported(meta, {}, {})
     for fmt in formats:
@@ -487,12 +520,17 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument('--teacher', action='store_true', help="the MIM teacher's weights (an EMA of the backbone)")
     p.add_argument('--model', default=None, help='timm model name, for files that do not say')
     p.add_argument('--model-kwargs', default=None, type=json.loads, help='architecture arguments as JSON')
+    p.add_argument('--trust-pickle', action='store_true',
+                   help='load checkpoint files without the allow-list of types (only for files you vouch for: '
+                        'a crafted file runs code when loaded this way)')
+    p.add_argument('--deploy', action='store_true',
+                   help='write the structurally re-parameterised inference form (RepLKNet: merged large kernels)')
     args = p.parse_args(argv)
     weights = 'ema' if args.ema else 'teacher' if args.teacher else 'raw'
     t0 = time.time()
     try:
         result = export(args.checkpoint, args.format, args.out, weights, model=args.model,
-                        model_kwargs=args.model_kwargs)
+                        model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle, deploy=args.deploy)
     except ExportError as e:
         print(f'export error: {e}', file=sys.stderr)
         return 2
