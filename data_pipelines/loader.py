@@ -20,12 +20,16 @@ counts it per reason and logs shard + key (``errors.SkipCounter``). ``loader.ski
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import logging
+import os
 import random
 import re
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -481,7 +485,8 @@ class WebDatasetLoader(StatefulDataLoader):
     """StatefulDataLoader over a :class:`WebDatasetStream` with ``set_epoch``, ``skip_counts`` and a resume check."""
 
     def set_epoch(self, epoch: int, consumed: int = 0) -> None:
-        """Select the epoch for the next ``iter(loader)`` (workers are not persistent, so they pick it up);
+        """Select the epoch for the next ``iter(loader)`` (workers are not persistent: each pass ships them the
+        dataset anew, epoch included);
         ``consumed``: see :meth:`WebDatasetStream.set_epoch`."""
         self.dataset.set_epoch(epoch, consumed)
 
@@ -527,19 +532,69 @@ class WebDatasetLoader(StatefulDataLoader):
         super().load_state_dict(state["stateful_dataloader"])
 
 
+# forkserver, not fork: the trainer forks workers at every epoch from a process that has other threads (gloo,
+# DeepSpeed, OpenMP, queue feeders); a lock one of them holds at fork time stays locked in the child for ever.
+WORKER_START_METHOD = "forkserver"
+WORKER_START_METHODS = ("forkserver", "spawn", "fork")
+_forkserver_preload = {"data_pipelines.loader"}
+
+
+def worker_context(method: str, shipped: Sequence[object] = ()):
+    """The multiprocessing context that starts loader workers: "forkserver" (default; workers fork from a clean,
+    single-threaded server process that imported the loader and the modules of the ``shipped`` objects once),
+    "spawn" (a fresh interpreter per worker: each imports torch and the loader) or "fork" (fastest, unsafe in a
+    process with threads). An object may name extra modules in ``worker_preload_modules`` (the tokenizer:
+    open_clip). The forkserver starts here, with the first loader (it imports while the trainer builds its model);
+    modules of objects shipped by loaders built later are imported per worker."""
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    if method not in WORKER_START_METHODS:
+        raise ValueError(f"worker_start_method must be one of {WORKER_START_METHODS}, not {method!r}")
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        for obj in shipped:
+            if obj is not None:
+                _forkserver_preload.add(type(obj).__module__)
+                _forkserver_preload.update(getattr(obj, "worker_preload_modules", ()))
+        context.set_forkserver_preload(sorted(m for m in _forkserver_preload if m != "builtins"))
+        # Start it now: it imports in the background while the trainer builds the model, not at the first batch.
+        multiprocessing.forkserver.ensure_running()
+    return context
+
+
+def _exit_with_main_process(main_pid: int, worker_id: int) -> None:  # noqa: ARG001 - worker_init_fn's signature
+    """worker_init_fn for forkserver/spawn workers: exit when the loader's process is gone. torch's own check
+    watches the worker's parent, which here is the forkserver; a trainer that left with ``os._exit`` (watchdog,
+    requeue) or was killed would otherwise leave its workers, and through them the forkserver, alive for ever."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(2.0)
+            try:
+                os.kill(main_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-main-process", daemon=True).start()
+
+
 def build_loader(sources: Sequence[SourceSpec] | SourceSpec, *, batch_size: int, num_workers: int, mode: str = "epoch",
                  seed: int = 0, rank: int = 0, world_size: int = 1, transform: Callable,
                  tokenizer: Callable | str | None = None, epoch: int = 0, caption_required: bool | None = None,
                  filters: Sequence[SampleFilter] = (), drop_last: bool = False, interleave_shards: int = 4,
                  samples_per_epoch: int | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 pin_memory: bool = False, prefetch_factor: int | None = None) -> WebDatasetLoader:
+                 pin_memory: bool = False, prefetch_factor: int | None = None,
+                 worker_start_method: str = WORKER_START_METHOD) -> WebDatasetLoader:
     """Build the training/eval loader.
 
     In: ``sources`` (SourceSpec or a list); ``mode`` "epoch" (every sample once per epoch over all ranks and
-    workers; ``drop_last`` gives every rank the same number of full batches) or "resampled" (infinite weighted
+    workers; ``drop_last`` gives every rank the same number of full batches and drops a batch left short by skipped
+    samples, as training needs; evaluation keeps partial batches) or "resampled" (infinite weighted
     shard draws, or ``samples_per_epoch`` over all ranks); ``transform`` maps an image (PIL, or bytes through its
     ``from_encoded``) to Tensor[3,H,W]; ``tokenizer`` an open_clip model name or a callable str -> LongTensor[77];
-    captions are required when a tokenizer is given (unless ``caption_required=False``).
+    captions are required when a tokenizer is given (unless ``caption_required=False``). ``worker_start_method``:
+    how worker processes start (see :func:`worker_context`); the dataset, transform, tokenizer and filters must pickle.
 
     Out: a :class:`WebDatasetLoader` (a ``StatefulDataLoader``) yielding dicts ``image`` float [B,3,H,W],
     ``label`` long [B] (-1 where absent), ``key`` list[str], ``source`` list[str], ``text`` long [B,77] and
@@ -559,11 +614,18 @@ def build_loader(sources: Sequence[SourceSpec] | SourceSpec, *, batch_size: int,
         epoch_plan(dataset.shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker_id=0,
                    num_workers=max(num_workers, 1), batch_size=batch_size, drop_last=drop_last)
     kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
+    if num_workers > 0:
+        kwargs["multiprocessing_context"] = worker_context(worker_start_method, (transform, tokenizer, *filters))
+        if worker_start_method != "fork":
+            kwargs["worker_init_fn"] = functools.partial(_exit_with_main_process, os.getpid())
     # Non-persistent workers: each pass gets a fresh copy of the dataset (epoch) and no memory creeps across
     # epochs (webdataset#365); every batch carries its worker's state (snapshot_every_n_steps=1) for exactness.
+    # drop_last also at the batch level: a skipped sample must not leave a short batch (odd for Mixup, unequal
+    # shapes for all_gather); the plan already makes every other batch full.
     with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API in its constructor
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
         return WebDatasetLoader(dataset, batch_size=batch_size, num_workers=num_workers, persistent_workers=False,
-                                pin_memory=pin_memory, drop_last=False, snapshot_every_n_steps=1,
+                                pin_memory=pin_memory, drop_last=drop_last, snapshot_every_n_steps=1,
                                 generator=torch.Generator().manual_seed(_stable_seed("loader", seed, rank)),
                                 **kwargs)
+

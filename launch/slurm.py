@@ -59,13 +59,10 @@ def sbatch_script(run: Run, name: str, dependency: str | None = None) -> str:
         'set -euo pipefail',
         f'cd {shlex.quote(str(run.workdir))}',
         f'export PYTHONPATH={shlex.quote(str(run.code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}',
-        '# Rendezvous: the first node, and a port from the job id so that jobs sharing a node do not clash.',
-        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        'export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))',
+        '# Rendezvous: each rank derives it from the step\'s Slurm variables (pretrain.engine.dist.rendezvous).',
         'export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}',
         *[f'export {k}={shlex.quote(v)}' for k, v in run.job_env().items()],
-        'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST, '
-        'master $MASTER_ADDR:$MASTER_PORT"',
+        'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
         # --kill-on-bad-exit: one failed rank ends the step instead of leaving the others in a collective.
         f'srun --kill-on-bad-exit=1 --output={shlex.quote(str(logs))}/%j_%t.out '
         f'--error={shlex.quote(str(logs))}/%j_%t.err \\',

@@ -2,8 +2,6 @@
 
 What ``python -m pretrain train CONFIG [overrides]`` does, plus what a launched stage needs around it:
 
-- the rendezvous under Slurm when nothing set it: ``MASTER_ADDR`` = first host of the job's node list,
-  ``MASTER_PORT`` = ``10000 + SLURM_JOB_ID % 20000`` (two jobs sharing a node do not clash);
 - ``run.output_dir`` = ``<stage dir>/out``;
 - ``--init-from PRED_OUT [--init-weights raw|ema]``: rank 0 consolidates the newest complete checkpoint of the
   predecessor stage (its raw or EMA weights) into
@@ -14,8 +12,10 @@ What ``python -m pretrain train CONFIG [overrides]`` does, plus what a launched 
 - rank 0 appends start/end events to ``<stage dir>/events.jsonl`` (what ``python -m launch status`` reads when Slurm
   has forgotten the job).
 
-Exit status: 0 done, 75 saved and requeued (or to be restarted by the local runner), 2 config error, 3 non-finite
-loss, 1 anything else.
+Training itself is :func:`pretrain.engine.run.run_training`, the same as ``python -m pretrain train``: the rendezvous
+(``pretrain.engine.dist.detect_env``: torchrun's variables, else Slurm's), the watchdog, the exit statuses (0 done,
+75 saved and requeued, or stalled and requeued, to be restarted by the local runner too, 2 config error, 3 non-finite
+loss, 1 anything else).
 """
 from __future__ import annotations
 
@@ -25,23 +25,19 @@ import os
 import socket
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from pretrain.engine import preemption
+from pretrain.engine.run import DEFAULT_MAX_REQUEUES, EXIT_CONFIG, run_training
 
-__all__ = ['main', 'StageTask', 'record_event', 'ensure_init_weights', 'export_rendezvous']
+__all__ = ['main', 'StageTask', 'record_event', 'ensure_init_weights']
 
 
-def _rank() -> int:
-    for key in ('RANK', 'SLURM_PROCID'):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
+_rank = {'rank': 0}  # this process's rank, for the log prefix (set by main)
 
 
 def log(msg: str) -> None:
-    print(f'[launch rank {_rank()}] {msg}', flush=True)
+    print(f'[launch rank {_rank["rank"]}] {msg}', flush=True)
 
 
 def record_event(stage_dir: str | Path, event: str, **fields) -> None:
@@ -50,17 +46,6 @@ def record_event(stage_dir: str | Path, event: str, **fields) -> None:
            'job_id': os.environ.get('SLURM_JOB_ID'), 'restart_count': preemption.restart_count(), **fields}
     with open(os.path.join(stage_dir, 'events.jsonl'), 'a') as f:
         f.write(json.dumps(row) + '\n')
-
-
-def export_rendezvous() -> None:
-    """Under Slurm with several tasks and no MASTER_ADDR/PORT: derive them (see the module docstring)."""
-    if 'SLURM_JOB_ID' not in os.environ or ('RANK' in os.environ and 'WORLD_SIZE' in os.environ):
-        return
-    if 'MASTER_ADDR' not in os.environ:
-        from pretrain.engine.dist import expand_nodelist
-        nodes = os.environ.get('SLURM_JOB_NODELIST') or os.environ.get('SLURM_STEP_NODELIST') or '127.0.0.1'
-        os.environ['MASTER_ADDR'] = expand_nodelist(nodes)[0]
-    os.environ.setdefault('MASTER_PORT', str(10000 + int(os.environ['SLURM_JOB_ID']) % 20000))
 
 
 def ensure_init_weights(pred_out: str | Path, dest_dir: str | Path, rank: int, timeout_s: float = 3600,
@@ -100,7 +85,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument('--stage-dir', required=True, help='the stage folder in the run folder')
     p.add_argument('--init-from', default=None, help="the predecessor stage's output folder")
     p.add_argument('--init-weights', default='raw', choices=['raw', 'ema'], help="which of the predecessor's weights")
-    p.add_argument('--max-requeues', type=int, default=3)
+    p.add_argument('--max-requeues', type=int, default=DEFAULT_MAX_REQUEUES)
     p.add_argument('--requeue-signals', default='USR2', help="comma-separated signal names ('' = none)")
     p.add_argument('--workdir', default=None, help='chdir here first (relative paths in the training config)')
     p.add_argument('config')
@@ -113,19 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir:
         os.chdir(args.workdir)
     stage_dir = Path(args.stage_dir).resolve()
-    rank = _rank()
-    export_rendezvous()
+    from pretrain.engine.dist import detect_env
+
+    env = detect_env()
+    rank = _rank['rank'] = env.rank
     signals = [s for s in args.requeue_signals.split(',') if s]
-    preemption.install(signals)  # early: a signal during start-up is honoured at the first step boundary
+    preemption.install(signals)  # early: a signal while rank 0 writes the init weights is honoured at step one
     import launch
     import pretrain
     from pretrain.config import ConfigError, load_config
     from pretrain.export import ExportError
     overrides = list(args.overrides) + [f'run.output_dir={stage_dir / "out"}']
     if rank == 0:
-        record_event(stage_dir, 'start', world_size=int(os.environ.get('WORLD_SIZE') or
-                                                        os.environ.get('SLURM_NTASKS') or 1),
-                     code=str(Path(launch.__file__).parent.parent),
+        record_event(stage_dir, 'start', world_size=env.world_size, code=str(Path(launch.__file__).parent.parent),
                      pretrain_code=str(Path(pretrain.__file__).parent.parent))
     try:
         if args.init_from:
@@ -135,38 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ExportError, FileNotFoundError, TimeoutError) as e:
         log(f'error: {e}')
         if rank == 0:
-            record_event(stage_dir, 'end', status='failed', exit_code=2, error=str(e))
-        return 2
+            record_event(stage_dir, 'end', status='failed', exit_code=EXIT_CONFIG, error=str(e))
+        return EXIT_CONFIG
     log(f'code {Path(launch.__file__).parent.parent}, config {args.config}, output {cfg.run.output_dir}, '
-        f'requeue signals {signals or "none"}, restart {preemption.restart_count()}')
-    from pretrain.engine.trainer import NonFiniteError
-
-    try:
-        from pretrain.engine.trainer import Trainer
-
-        trainer = Trainer(cfg)
-        summary = trainer.train()
-    except preemption.Preempted as e:
-        log(str(e))
-        if rank == 0:
-            record_event(stage_dir, 'end', status='requeued', exit_code=preemption.REQUEUE_EXIT_CODE, step=e.step,
-                         checkpoint=e.checkpoint, signal=e.signal_name)
-        preemption.requeue_and_exit(rank, args.max_requeues, log=log)
-        return preemption.REQUEUE_EXIT_CODE  # not reached
-    except NonFiniteError as e:
-        log(f'error: {e}')
-        if rank == 0:
-            record_event(stage_dir, 'end', status='failed', exit_code=3, error=str(e))
-        return 3
-    except BaseException as e:
-        if rank == 0:
-            record_event(stage_dir, 'end', status='failed', exit_code=1,
-                         error=''.join(traceback.format_exception_only(e)).strip()[-2000:])
-        raise
-    if rank == 0:
-        record_event(stage_dir, 'end', status='completed', exit_code=0, step=summary['step'],
-                     checkpoint=summary['last_checkpoint'])
-    return 0
+        f'requeue signals {signals or "none"}, restart {preemption.restart_count()}, rendezvous '
+        f'{env.master_addr}:{env.master_port} ({env.source})')
+    return run_training(cfg, requeue_signals=signals, max_requeues=args.max_requeues, log=log,
+                        on_end=lambda fields: record_event(stage_dir, 'end', **fields))
 
 
 class StageTask:

@@ -274,6 +274,10 @@ class RunConfig:
     eval_interval_steps: int = 0  # 0 = only at the end
     stop_after_steps: int | None = None  # leave after this many steps in this process, with a checkpoint (time limits)
     deterministic: bool = False
+    collective_timeout_min: float = 10.0  # a collective (data all-reduce, save barrier) waiting longer fails the rank
+    # No micro-batch / eval batch for this long: dump stacks, exit 75 (requeue); 0 = off. Below the collective
+    # timeout, so that the stuck rank dumps its own stacks before the others give up (docs/ENGINE.md).
+    watchdog_min: float = 8.0
 
 
 @dataclass
@@ -640,6 +644,10 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
         fail('run.stop_after_steps', 'must be >= 1')
     if cfg.run.eval_interval_steps < 0:
         fail('run.eval_interval_steps', 'must be >= 0')
+    if cfg.run.collective_timeout_min <= 0:
+        fail('run.collective_timeout_min', 'must be > 0 (minutes)')
+    if cfg.run.watchdog_min < 0:
+        fail('run.watchdog_min', 'must be >= 0 (minutes; 0 turns the watchdog off)')
 
 
 def _validate_objective(cfg: TrainConfig, fail) -> None:

@@ -1,6 +1,8 @@
 """Data for the trainer: loaders from the config, and a batch stream on which every rank agrees.
 
-In epoch mode a rank's pass can be one batch shorter than another's after skipped bad samples (docs/DATA.md). Every
+Training batches are always full: the loader drops a batch left short by skipped bad samples (Mixup needs an even
+batch, the contrastive all_gather equal shapes, ``samples_seen`` the same count on every rank); evaluation keeps
+partial batches. So in epoch mode a rank's pass can be one batch shorter than another's (docs/DATA.md). Every
 rank must run the same number of steps (ZeRO collectives), so :class:`BatchStream` all-reduces "I ran out" before
 each micro-batch: when any rank's pass is over, every rank starts the next epoch (the steps per epoch are the minimum
 over ranks; a rank that still had a batch drops it).
@@ -11,6 +13,7 @@ from data_pipelines.loader import SourceSpec, build_loader, resolve_shards
 from data_pipelines.transforms import build_eval_transform, build_train_transform
 from pretrain.config import SourceConfig, TrainConfig
 from pretrain.engine import dist as edist
+from pretrain.engine import watchdog
 
 __all__ = ['build_train_loader', 'build_val_loader', 'steps_per_epoch', 'BatchStream']
 
@@ -38,13 +41,31 @@ def build_train_loader(cfg: TrainConfig, rank: int, world_size: int, epoch: int 
 
 
 def build_val_loader(cfg: TrainConfig, rank: int, world_size: int):
+    """This rank's share of ``data.val`` in one pass, partial batches kept (None without a val set); each batch
+    received counts as progress for the watchdog, so a long evaluation is not taken for a hang."""
     d = cfg.data
     if not d.val:
         return None
     transform = build_eval_transform(d.img_size, crop_pct=d.eval_crop_pct, interpolation=d.interpolation)
-    return build_loader(_specs(d.val), batch_size=d.eval_micro_batch_size or cfg.deepspeed.micro_batch_size,
-                        num_workers=d.num_workers, mode='epoch', seed=d.seed, rank=rank, world_size=world_size,
-                        transform=transform, drop_last=False, interleave_shards=d.interleave_shards)
+    return _BeatingLoader(build_loader(
+        _specs(d.val), batch_size=d.eval_micro_batch_size or cfg.deepspeed.micro_batch_size, num_workers=d.num_workers,
+        mode='epoch', seed=d.seed, rank=rank, world_size=world_size, transform=transform, drop_last=False,
+        interleave_shards=d.interleave_shards))
+
+
+class _BeatingLoader:
+    """A loader whose iteration calls ``watchdog.beat()`` per batch; everything else is the wrapped loader's."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            watchdog.beat()
+            yield batch
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
 
 
 def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:

@@ -2,7 +2,8 @@
 
 torchrun sets ``RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT``; under ``srun`` (one task per GPU)
 Slurm sets ``SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_(STEP|JOB)_NODELIST``, and MASTER_ADDR is the first
-host of the node list. torchrun's variables win when both are present (torchrun inside an sbatch script).
+host of the step's node list (:func:`rendezvous`). torchrun's variables win when both are present (torchrun inside an
+sbatch script).
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ['DistEnv', 'detect_env', 'expand_nodelist', 'free_port', 'init_distributed', 'barrier', 'all_reduce_max',
-           'all_reduce_sum', 'destroy']
+__all__ = ['DistEnv', 'detect_env', 'rendezvous', 'slurm_port', 'expand_nodelist', 'free_port', 'init_distributed',
+           'barrier', 'all_reduce_max', 'all_reduce_sum', 'DEFAULT_COLLECTIVE_TIMEOUT_MIN']
+
+DEFAULT_COLLECTIVE_TIMEOUT_MIN = 10.0  # run.collective_timeout_min's default: a stuck rank fails the others in minutes
 
 
 @dataclass(frozen=True)
@@ -26,10 +29,6 @@ class DistEnv:
     master_addr: str
     master_port: int
     source: str  # 'torchrun', 'slurm' or 'single'
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     @property
     def device(self) -> torch.device:
@@ -61,6 +60,29 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def slurm_port(job_id: int | str) -> int:
+    """The rendezvous port of Slurm job ``job_id``: ``10000 + job_id % 20000``, so that two jobs sharing a node do
+    not collide (and a requeued job, same id, gets the same port)."""
+    return 10000 + int(job_id) % 20000
+
+
+def rendezvous(environ: Mapping[str, str]) -> tuple[str, int]:
+    """``(MASTER_ADDR, MASTER_PORT)`` of a Slurm job step: the variables when set, else the first host of
+    ``SLURM_STEP_NODELIST`` (the nodes this ``srun`` step runs on, which is where the ranks are; a step may use
+    fewer nodes than the job) or, outside a step, ``SLURM_JOB_NODELIST``, and :func:`slurm_port` of the job id."""
+    addr = environ.get('MASTER_ADDR')
+    if not addr:
+        nodelist = environ.get('SLURM_STEP_NODELIST') or environ.get('SLURM_JOB_NODELIST')
+        if not nodelist:
+            raise ValueError('rendezvous: neither MASTER_ADDR nor SLURM_STEP_NODELIST / SLURM_JOB_NODELIST is set')
+        addr = expand_nodelist(nodelist)[0]
+    if 'MASTER_PORT' in environ:
+        return addr, int(environ['MASTER_PORT'])
+    if 'SLURM_JOB_ID' not in environ:
+        raise ValueError('rendezvous: neither MASTER_PORT nor SLURM_JOB_ID is set')
+    return addr, slurm_port(environ['SLURM_JOB_ID'])
+
+
 def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Rank, world size, local rank and rendezvous address from torchrun or Slurm variables (else one process)."""
     env = os.environ if environ is None else environ
@@ -68,11 +90,9 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         return DistEnv(int(env['RANK']), int(env['WORLD_SIZE']), int(env.get('LOCAL_RANK', 0)),
                        env.get('MASTER_ADDR', '127.0.0.1'), int(env.get('MASTER_PORT', 29500)), 'torchrun')
     if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', 1)) > 1:
-        nodelist = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') or '127.0.0.1'
-        # A port from the job id, so two jobs sharing a node do not collide.
-        port = int(env['MASTER_PORT']) if 'MASTER_PORT' in env else 10000 + int(env.get('SLURM_JOB_ID', 0)) % 20000
+        addr, port = rendezvous(env)
         return DistEnv(int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env.get('SLURM_LOCALID', 0)),
-                       env.get('MASTER_ADDR') or expand_nodelist(nodelist)[0], port, 'slurm')
+                       addr, port, 'slurm')
     # One process: a free port unless one was given, so that several single-process runs can share a machine.
     port = int(env['MASTER_PORT']) if 'MASTER_PORT' in env else free_port()
     return DistEnv(0, 1, 0, env.get('MASTER_ADDR', '127.0.0.1'), port, 'single')
@@ -87,8 +107,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(env: DistEnv | None = None, timeout_min: float = 30.0) -> DistEnv:
-    """Export the variables DeepSpeed and torch read, then start the process group (gloo on CPU, nccl on GPU).
+def init_distributed(env: DistEnv | None = None, timeout_min: float = DEFAULT_COLLECTIVE_TIMEOUT_MIN) -> DistEnv:
+    """Export the variables DeepSpeed and torch read, then start the process group (gloo on CPU, nccl on GPU) whose
+    collectives give up after ``timeout_min`` minutes (gloo raises; nccl's watchdog aborts the process). A no-op
+    when a group exists. Returns ``env`` (detected when None).
 
     Also for one process: DeepSpeed's engine needs a process group in every case.
     """
@@ -133,7 +155,3 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of a CPU tensor over all ranks (a CPU copy)."""
     return _all_reduce(t, dist.ReduceOp.SUM)
 
-
-def destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import time
 
-__all__ = ['install', 'installed', 'requested', 'agreed', 'reset', 'requeue_and_exit', 'Preempted', 'REQUEUE_EXIT_CODE',
-           'restart_count']
+__all__ = ['install', 'installed', 'requested', 'agreed', 'request_requeue', 'requeue_and_exit', 'Preempted',
+           'REQUEUE_EXIT_CODE', 'restart_count']
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, run me again" (the local runner restarts on it)
 
@@ -67,10 +67,6 @@ def signal_name() -> str | None:
     return _flag['signal']
 
 
-def reset() -> None:
-    _flag['signal'] = _flag['time'] = None
-
-
 def agreed() -> bool:
     """Collective: True on every rank when any rank got the signal (all-reduce MAX); without a process group, the
     local flag. Every rank must call it at the same step boundary."""
@@ -84,6 +80,21 @@ def restart_count() -> int:
     return int(os.environ.get('SLURM_RESTART_COUNT') or os.environ.get('LAUNCH_LOCAL_ATTEMPT') or 0)
 
 
+def request_requeue(max_requeues: int, log=print) -> bool:
+    """Ask Slurm to requeue this job (``scontrol requeue $SLURM_JOB_ID``) unless it was restarted ``max_requeues``
+    times already; no communication, so a rank may call it alone (the watchdog). False outside Slurm, at the limit
+    or when scontrol refuses (logged)."""
+    job = os.environ.get('SLURM_JOB_ID')
+    if not job:
+        return False
+    if restart_count() >= max_requeues:
+        log(f'requeue limit reached ({restart_count()} of max_requeues={max_requeues}); not requeueing job {job}')
+        return False
+    r = subprocess.run(['scontrol', 'requeue', job], capture_output=True, text=True, timeout=60)
+    log(f'scontrol requeue {job}: {"ok" if r.returncode == 0 else r.stderr.strip()}')
+    return r.returncode == 0
+
+
 def requeue_and_exit(rank: int, max_requeues: int, log=print) -> None:
     """After the collective save: rank 0 asks Slurm to requeue the job (when under Slurm and below the limit);
     barriers on both sides so no rank exits (and makes srun kill the others) before the request is in. Exits with
@@ -91,13 +102,8 @@ def requeue_and_exit(rank: int, max_requeues: int, log=print) -> None:
     from pretrain.engine import dist as edist
 
     edist.barrier()
-    job = os.environ.get('SLURM_JOB_ID')
-    if rank == 0 and job:
-        if restart_count() >= max_requeues:
-            log(f'requeue limit reached ({restart_count()} of max_requeues={max_requeues}); not requeueing job {job}')
-        else:
-            r = subprocess.run(['scontrol', 'requeue', job], capture_output=True, text=True, timeout=60)
-            log(f'scontrol requeue {job}: {"ok" if r.returncode == 0 else r.stderr.strip()}')
+    if rank == 0:
+        request_requeue(max_requeues, log)
     edist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
