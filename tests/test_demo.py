@@ -1,7 +1,9 @@
-"""`make demo` end to end: the demo cascade on the real data (2 CPU ranks per stage), then the export.
+"""`make demo` end to end: the demo cascade on the real data (2 CPU ranks per stage), then the export and the plot.
 
-Checks that each stage started from its predecessor's final weights (the init file equals the predecessor's
-consolidated checkpoint, and the stage's load report names it) and that every exported file loads."""
+Checks the accuracies the demo prints against their goals (zero-shot after pretraining, the Fashion-MNIST fine-tune,
+the timm reload of its export), that each stage started from the final weights of the stage it names (the init file
+equals that stage's consolidated checkpoint, and the stage's load report names it), and that every exported file
+loads."""
 from __future__ import annotations
 
 import os
@@ -25,12 +27,20 @@ def test_demo_cascade_chains_stages_and_exports_loadable_weights(real_data):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     out = res.stdout
     run = Path(re.search(r'run folder (\S+)', out).group(1))
-    assert 'classifies the 200 photos with top-1' in out
+    top1 = {name: float(value) for name, value in re.findall(r'^\[demo\] (\S+(?: export)?) +top-1 +([\d.]+)%', out,
+                                                              re.M)}
+    assert top1.keys() == {'pretrain', 'finetune_22k', 'finetune', 'timm export'}, out[-3000:]
+    assert top1['pretrain'] >= 60.0, out[-3000:]  # zero-shot on the 10,000 test images; chance is 10%
+    assert top1['finetune'] >= 90.0, out[-3000:]  # supervised from the pretrained backbone, EMA weights
+    assert abs(top1['timm export'] - top1['finetune']) <= 0.1  # the same weights and eval transform, through timm
+    assert 'published table: 2 conv + pooling' in out and '; goal >= 90%' in out
+    png = Path(re.search(r'^\[demo\] plot: (\S+)$', out, re.M).group(1))
+    assert png == run / 'learning_curves.png' and png.stat().st_size > 10_000
 
     from pretrain.export import consolidate
 
-    stages = ['pretrain', 'finetune_22k', 'finetune_1k']
-    for prev, stage, weights in zip(stages, stages[1:], ['raw', 'ema']):  # demo.yaml: finetune_1k takes the EMA
+    # demo.yaml: both fine-tunes start from the pretrained backbone's raw weights.
+    for prev, stage, weights in [('pretrain', 'finetune_22k', 'raw'), ('pretrain', 'finetune', 'raw')]:
         init, = (run / 'stages' / stage / 'init').glob(f'{prev}_step_*.pt')
         assert init.name.endswith('_ema.pt') == (weights == 'ema')
         prev_final, _ = consolidate(run / 'stages' / prev / 'out', weights)  # its newest complete checkpoint
@@ -51,15 +61,15 @@ def test_demo_cascade_chains_stages_and_exports_loadable_weights(real_data):
 
     export = run / 'export'
     kwargs = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
-    x = torch.randn(2, 3, 96, 96)
-    official = create_backbone('internimage_t', num_classes=1000, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    official = create_backbone('internimage_t', num_classes=10, **kwargs).eval()
     assert load_checkpoint(official, next(export.glob('*_ema.pth')), strict=True).ok
     timm_model = timm.create_model(f'local-dir:{next(export.glob("*_timm"))}', pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(timm_model(x), official(x), rtol=0, atol=0)
     st = next(export.glob('*.safetensors'))
     with safetensors.safe_open(str(st), 'pt') as f:
-        assert f.metadata()['weights'] == 'ema' and f.metadata()['stage'] == 'finetune_1k'
+        assert f.metadata()['weights'] == 'ema' and f.metadata()['stage'] == 'finetune'
     backbone = create_backbone('internimage_t', features_only=True, **kwargs,
                                checkpoint_path=next(export.glob('*_backbone.pth'))).eval()
     assert backbone.load_report.ok, backbone.load_report
