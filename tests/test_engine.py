@@ -507,6 +507,214 @@ def test_nan_gradient_with_finite_loss_changes_nothing(tmp_path, precision):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# M3I on 2 ranks == one process on the concatenated batch
+
+
+def _m3i_parity_worker(out_dir: str) -> None:
+    """3 steps of supervised + contrastive + MIM (teacher) on a tiny ConvNeXt V2 (no BatchNorm, so the batch split
+    does not change any statistics), ZeRO-0 fp32: 2 ranks x 4 or 1 process x 8, the same global batches, through
+    BatchStream (the counts of captioned and labelled samples summed over ranks). Rank 0 writes the losses, the
+    first step's averaged gradients, the final weights and the teacher."""
+    from pretrain.config import config_from_dict
+    from pretrain.engine.data import BatchStream
+    from pretrain.engine.dist import all_reduce_sum
+    from pretrain.engine.trainer import Trainer
+
+    world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    steps, global_batch = 3, 8
+    mb = global_batch // world
+    cfg = config_from_dict({
+        'model': {'name': 'convnextv2_atto', 'num_classes': 10, 'drop_path_rate': 0.0,
+                  'kwargs': {'dims': [8, 16, 32, 64], 'depths': [1, 1, 2, 1]}},
+        'objective': {'kind': 'multi', 'supervised': {'weight': 1.0}, 'fcmae': {'weight': 0.0},
+                      'contrastive': {'weight': 1.0, 'embed_dim': 32, 'text_width': 32, 'text_layers': 1,
+                                      'text_heads': 2, 'context_length': 16},
+                      'mim': {'weight': 1.0, 'decoder_dim': 16, 'teacher_decay': 0.5}},
+        'data': {'train': [{'name': 'unused', 'urls': 'unused.tar'}], 'img_size': 64},
+        'loss': {'label_smoothing': 0.1, 'mixup_alpha': 0.0, 'cutmix_alpha': 0.0},
+        'optim': {'lr_base': 1e-3, 'eps': 1e-6},
+        'schedule': {'total_steps': steps, 'warmup_steps': 1, 'lr_scale_by_batch': False},
+        'deepspeed': {'zero_stage': 0, 'precision': 'fp32', 'micro_batch_size': mb},
+        'ema': {'enabled': False},
+        'checkpoint': {'resume': 'none'},
+        'logging': {'tensorboard': False, 'progress': False},
+        'run': {'output_dir': os.path.join(out_dir, f'run_{world}'), 'seed': 0},
+    })
+    gen = torch.Generator().manual_seed(7)
+    images = torch.randn(steps, global_batch, 3, 64, 64, generator=gen)
+    labels = torch.randint(0, 10, (steps, global_batch), generator=gen)
+    labels[:, [1, 2, 6]] = -1  # unlabelled: 2 on rank 0, 1 on rank 1
+    text = torch.randint(1, 1000, (steps, global_batch, 16), generator=gen)
+    has_text = torch.tensor([True, True, True, False, True, False, False, False])  # captions: 3 on rank 0, 1 on 1
+    lo = rank * mb
+    trainer = Trainer(cfg, build_data=False)
+    # one pass of exactly the steps' batches: the stream never rolls over, so a list is loader enough
+    stream = BatchStream([{'image': images[s, lo:lo + mb], 'label': labels[s, lo:lo + mb], 'text': text[s, lo:lo + mb],
+                           'has_text': has_text[lo:lo + mb], 'key': [''] * mb} for s in range(steps)],
+                         trainer.state, counts_of=trainer.objective.batch_counts)
+    grads: dict = {}
+    engine_step = trainer.engine.step
+
+    def step_capturing_gradients(*args, **kwargs):
+        if not grads:  # the first boundary: ZeRO-0's gradients are all-reduced (averaged) here
+            grads.update({n: p.grad.detach().clone() for n, p in trainer.engine.module.named_parameters()
+                          if p.grad is not None})
+        return engine_step(*args, **kwargs)
+
+    trainer.engine.step = step_capturing_gradients
+    step_losses = []
+    for _ in range(steps):
+        res = trainer.train_step(stream.next_batch)
+        names = sorted(res.part_means)
+        mine = torch.stack([res.loss_mean, *(res.part_means[k] for k in names)]).double()
+        step_losses.append(dict(zip(['total', *names], (all_reduce_sum(mine) / world).tolist())))
+    if rank == 0:
+        torch.save({'losses': step_losses, 'grads': grads,
+                    'weights': {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()},
+                    'teacher': trainer.objective.teacher.full_state_dict()},
+                   os.path.join(out_dir, f'm3i_world{world}.pt'))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_m3i_on_two_ranks_equals_one_process_on_the_concatenated_batch(tmp_path):
+    """Supervised + contrastive + MIM with its teacher, 2 ranks x 4 vs 1 process x 8, uneven captions and labels
+    across the ranks: the same losses (each part, mean over ranks), the same first-step gradients, and after 3 AdamW
+    steps the same weights and teacher. What must hold for it: the supervised loss normalised by the global label
+    count, the contrastive loss over both ranks' pairs with the gradient summed back (gather with grad), the MIM
+    masks drawn per sample of the global batch, the teacher fed the rank's images. Tolerances are float32 summation
+    order (measured: losses within 1e-7 relative, gradients and weights within 1e-5 absolute)."""
+    run_procs(1, [str(Path(__file__).resolve()), 'm3i_parity', str(tmp_path)], timeout=300)
+    run_procs(2, [str(Path(__file__).resolve()), 'm3i_parity', str(tmp_path)], timeout=300)
+    one, two = torch.load(tmp_path / 'm3i_world1.pt'), torch.load(tmp_path / 'm3i_world2.pt')
+    assert set(one['losses'][0]) == {'total', 'supervised', 'contrastive', 'mim'}
+    for a, b in zip(one['losses'], two['losses']):
+        assert b == pytest.approx(a, rel=1e-5)
+    assert one['grads'].keys() == two['grads'].keys() == one['weights'].keys()
+    for what in ('grads', 'weights', 'teacher'):
+        assert one[what].keys() == two[what].keys()
+        for k in one[what]:
+            torch.testing.assert_close(two[what][k], one[what][k], rtol=1e-4, atol=2e-5,
+                                       msg=lambda m, k=k, what=what: f'{what} {k}: {m}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BatchStream: ranks whose epochs end at different steps
+
+
+class _ShortEpochs:
+    """A loader whose pass holds ``length`` batches; batch i of epoch e has labels ``[e, i, -1]`` (2 labelled) and
+    ``has_text`` on its first ``i`` samples. Records the epochs it was set to."""
+
+    def __init__(self, length: int):
+        self.length, self.epoch, self.epochs_set = length, 0, []
+
+    def __iter__(self):
+        for i in range(self.length):
+            yield {'label': torch.tensor([self.epoch, i, -1]), 'has_text': torch.arange(3) < i}
+
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        self.epoch = epoch
+        self.epochs_set.append(epoch)
+
+
+def _stream_worker(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from pretrain.engine.checkpoint import TrainState
+    from pretrain.engine.data import BatchStream
+    from pretrain.objectives.steps import M3IStep
+
+    dist.init_process_group('gloo')
+    rank = dist.get_rank()
+    loader, state = _ShortEpochs(3 if rank == 0 else 5), TrainState()
+    stream = BatchStream(loader, state, counts_of=M3IStep.batch_counts)
+    seen = []
+    for _ in range(10):
+        batch = stream.next_batch()
+        seen.append({'epoch': state.epoch, 'labels': batch['label'].tolist(),
+                     'global_counts': batch['global_counts'].tolist()})
+    Path(out_dir, f'stream_{rank}.json').write_text(json.dumps({'seen': seen, 'epochs_set': loader.epochs_set}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_batch_stream_ranks_whose_epochs_end_at_different_steps(tmp_path):
+    """Rank 0's pass holds 3 batches, rank 1's 5: both start every epoch together after 3 (rank 1 drops its last
+    2), in step; the objective's counts ride in the same all-reduce and are the sum over both ranks' batches."""
+    run_procs(2, [str(Path(__file__).resolve()), 'stream', str(tmp_path)], timeout=120)
+    runs = [json.loads((tmp_path / f'stream_{r}.json').read_text()) for r in (0, 1)]
+    for rank, run in enumerate(runs):
+        assert run['epochs_set'] == [1, 2, 3], rank
+        assert [(s['epoch'], s['labels'][:2]) for s in run['seen']] == [(e, [e, i]) for e in range(4)
+                                                                        for i in range(3)][:10], rank
+        # per batch i: i captioned and 2 labelled samples on each rank
+        assert [s['global_counts'] for s in run['seen']] == [[2.0 * i, 4.0] for e in range(4) for i in range(3)][:10]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BatchNorm statistics: averaged over the ranks after every step
+
+
+def _bn_worker(out_dir: str) -> None:
+    """2 ranks, different batches: each rank's own BatchNorm statistics (a plain copy of the model, the same
+    forward) against the buffers after ``train_step``; writes both."""
+    import torch.distributed as dist
+
+    from pretrain.config import config_from_dict
+    from pretrain.engine.trainer import Trainer, build_model
+
+    cfg = config_from_dict({
+        'model': TINY_MODEL,
+        'data': {'train': [{'name': 'unused', 'urls': 'unused.tar'}], 'img_size': 32},
+        'loss': {'mixup_alpha': 0.0, 'cutmix_alpha': 0.0},
+        'schedule': {'total_steps': 2, 'warmup_steps': 0, 'lr_scale_by_batch': False},
+        'deepspeed': {'zero_stage': 2, 'precision': 'fp32', 'micro_batch_size': 4},
+        'ema': {'enabled': False},
+        'checkpoint': {'resume': 'none'},
+        'logging': {'tensorboard': False, 'progress': False},
+        'run': {'output_dir': os.path.join(out_dir, 'run'), 'seed': 0},
+    })
+    trainer = Trainer(cfg, build_data=False)
+    rank, module = trainer.rank, trainer.engine.module
+    gen = torch.Generator().manual_seed(rank)
+    out = []
+    for _ in range(2):
+        batch = {'image': torch.randn(4, 3, 32, 32, generator=gen) * (1 + rank),
+                 'label': torch.randint(0, 200, (4,), generator=gen), 'key': [''] * 4}
+        alone = build_model(cfg)
+        alone.load_state_dict(module.state_dict())
+        alone.train()
+        with torch.no_grad():
+            alone(batch['image'])
+        trainer.train_step(lambda b=batch: b)
+        out.append({'alone': {n: b.clone() for n, b in alone.named_buffers() if b.is_floating_point()},
+                    'synced': {n: b.detach().clone() for n, b in module.named_buffers() if b.is_floating_point()}})
+    torch.save(out, os.path.join(out_dir, f'bn_{rank}.pt'))
+    del trainer
+    dist.barrier()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_batchnorm_statistics_are_the_mean_over_ranks_after_each_step(tmp_path):
+    """After every step each rank holds the mean of the two ranks' own BatchNorm running statistics (the classifier
+    head's BatchNorm; rank 1's images are scaled, so the ranks' own statistics differ)."""
+    run_procs(2, [str(Path(__file__).resolve()), 'bn', str(tmp_path)], timeout=300)
+    runs = [torch.load(tmp_path / f'bn_{r}.pt') for r in (0, 1)]
+    for step in range(2):
+        alone = [runs[r][step]['alone'] for r in (0, 1)]
+        assert alone[0].keys() == {'conv_head.1.0.running_mean', 'conv_head.1.0.running_var'}
+        for name in alone[0]:
+            assert not torch.allclose(alone[0][name], alone[1][name]), name
+            mean = (alone[0][name] + alone[1][name]) / 2
+            for r in (0, 1):
+                torch.testing.assert_close(runs[r][step]['synced'][name], mean, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, name=name, r=r, step=step: f'rank {r} step {step} {name}: {m}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # exact resume, kill -9 mid-save, another world size
 
 
@@ -752,6 +960,12 @@ def test_requeue_signal_saves_on_every_rank_and_the_rerun_resumes(shards, tmp_pa
 if __name__ == '__main__':
     if sys.argv[1] == 'parity':
         _parity_worker(sys.argv[2], [int(s) for s in sys.argv[3].split(',')], sys.argv[4], float(sys.argv[5]))
+    elif sys.argv[1] == 'm3i_parity':
+        _m3i_parity_worker(sys.argv[2])
+    elif sys.argv[1] == 'bn':
+        _bn_worker(sys.argv[2])
+    elif sys.argv[1] == 'stream':
+        _stream_worker(sys.argv[2])
     elif sys.argv[1] == 'nonfinite':
         _nonfinite_grad_worker(sys.argv[2], [int(s) for s in sys.argv[3].split(',')], sys.argv[4])
     import torch.distributed as dist

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.common.safe_load import check_folder, safe_load
 from pretrain.engine import dist as edist
 
 __all__ = ['CheckpointManager', 'CheckpointSaveError', 'ResumePlan', 'TrainState', 'LoaderPosition', 'RNGStreams',
@@ -227,7 +228,7 @@ def average_files(step_dir: str | os.PathLike, name: str) -> list[str]:
     present = {int(m.group(1)): os.path.join(step_dir, f) for f in os.listdir(step_dir) if (m := pattern.match(f))}
     if not present:
         return []
-    saved = torch.load(present[min(present)], map_location='cpu', weights_only=True, mmap=True)
+    saved = safe_load(present[min(present)], mmap=True)
     partitioned = any(saved['partitioned'].values())
     ranks = int(saved['world_size']) if partitioned else 1
     missing = [_average_file(name, r) for r in range(ranks) if r not in present]
@@ -246,7 +247,7 @@ def load_average(step_dir: str | os.PathLike, name: str) -> dict[str, torch.Tens
     files = average_files(step_dir, name)
     if not files:
         return None
-    return merge_saved_states([torch.load(f, map_location='cpu', weights_only=True) for f in files])
+    return merge_saved_states([safe_load(f) for f in files])
 
 
 class CheckpointManager:
@@ -538,6 +539,7 @@ class CheckpointManager:
         edist.barrier()  # quick: no rank reads a stale FAILED
         if self.rank == 0 and not os.path.isfile(done):
             try:
+                check_folder(src)  # ds_to_universal unpickles unrestricted
                 self._convert(src, plan, out)
             except Exception as e:
                 with open(failed, 'w') as f:
@@ -596,18 +598,20 @@ class CheckpointManager:
             with tempfile.TemporaryDirectory(prefix='weights_only_') as side:
                 with open(os.path.join(side, 'latest'), 'w') as f:
                     f.write(plan.ds_tag)
+                check_folder(os.path.join(plan.step_dir, plan.ds_tag))  # DeepSpeed unpickles unrestricted
                 os.symlink(os.path.abspath(os.path.join(plan.step_dir, plan.ds_tag)), os.path.join(side, plan.ds_tag))
                 self.engine.load_checkpoint(side, tag=plan.ds_tag, load_module_only=True,
                                             load_optimizer_states=False, load_lr_scheduler_states=False)
             report['not_restored'].append('optimizer state (weights-only restart at a new world size)')
         else:
             load_dir = plan.universal_dir if plan.mode == 'universal' else plan.step_dir
+            check_folder(os.path.join(load_dir, plan.ds_tag))  # DeepSpeed unpickles unrestricted
             path, _ = self.engine.load_checkpoint(load_dir, tag=plan.ds_tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
             if path is None:
                 raise RuntimeError(f'DeepSpeed could not load {load_dir}/{plan.ds_tag}')
             _unalias_optimizer_steps(self.engine)
-        saved = torch.load(os.path.join(plan.step_dir, 'trainer.pt'), map_location='cpu', weights_only=False)
+        saved = safe_load(os.path.join(plan.step_dir, 'trainer.pt'))
         legacy = saved.get('train_state', {}).get('extra', {})  # older saves kept some parts (sparsity) there
         for name, part in self._scoped('global').items():
             state = saved.get(name, legacy.get(name))
@@ -617,8 +621,7 @@ class CheckpointManager:
                 part.load_state_dict(state)
         per_rank = self._scoped('per_rank')
         if plan.mode == 'exact':
-            mine = torch.load(os.path.join(plan.step_dir, f'rank_{self.rank:05d}.pt'), map_location='cpu',
-                              weights_only=False)
+            mine = safe_load(os.path.join(plan.step_dir, f'rank_{self.rank:05d}.pt'))
             for name, part in per_rank.items():
                 if name in mine:
                     part.load_state_dict(mine[name])
@@ -637,10 +640,10 @@ class CheckpointManager:
             if plan.mode == 'exact' and len(files) > 1:
                 # Partitioned at the same world size: only this rank's partition is needed; the others are
                 # placeholders in order.
-                own = torch.load(files[self.rank], map_location='cpu', weights_only=False)
+                own = safe_load(files[self.rank])
                 states = [own if r == self.rank else _like_partition(own) for r in range(len(files))]
             else:
-                states = [torch.load(f, map_location='cpu', weights_only=False) for f in files]
+                states = [safe_load(f) for f in files]
             avg.load_state_dicts(states)
         self.last_committed = plan.step_dir
         return report

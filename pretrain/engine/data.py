@@ -4,10 +4,14 @@ Training batches are always full: the loader drops a batch left short by skipped
 batch, the contrastive all_gather equal shapes, ``samples_seen`` the same count on every rank); evaluation keeps
 partial batches. So in epoch mode a rank's pass can be one batch shorter than another's (docs/DATA.md). Every
 rank must run the same number of steps (ZeRO collectives), so :class:`BatchStream` all-reduces "I ran out" before
-each micro-batch: when any rank's pass is over, every rank starts the next epoch (the steps per epoch are the minimum
-over ranks; a rank that still had a batch drops it).
+each micro-batch (the objective's counts ride in the same all-reduce): when any rank's pass is over, every rank
+starts the next epoch (the steps per epoch are the minimum over ranks; a rank that still had a batch drops it).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
 
 from data_pipelines.loader import SourceSpec, build_loader, resolve_shards
 from data_pipelines.transforms import build_eval_transform, build_train_transform
@@ -87,11 +91,15 @@ def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:
 class BatchStream:
     """``next_batch()`` -> the next micro-batch dict, the same number on every rank; rolls epochs over.
 
+    One all-reduce per micro-batch carries both "I ran out" and the objective's per-sample counts
+    (``counts_of(batch or None) -> [float, ...]``, a fixed length, zeros for None; e.g. captioned and labelled
+    samples), summed over ranks and handed on as ``batch['global_counts']`` (float64, on the host), so the objective
+    needs no collective of its own.
     ``state.epoch`` (a TrainState) is advanced in place at each rollover.
     """
 
-    def __init__(self, loader, state):
-        self.loader, self.state = loader, state
+    def __init__(self, loader, state, counts_of: Callable[[dict | None], list[float]] | None = None):
+        self.loader, self.state, self.counts_of = loader, state, counts_of
         self._it = None
 
     def next_batch(self) -> dict:
@@ -99,7 +107,11 @@ class BatchStream:
             if self._it is None:
                 self._it = iter(self.loader)
             batch = next(self._it, None)
-            if edist.all_reduce_max(1.0 if batch is None else 0.0) == 0.0:
+            counts = self.counts_of(batch) if self.counts_of is not None else []
+            summed = edist.all_reduce_sum(torch.tensor([1.0 if batch is None else 0.0, *counts], dtype=torch.float64))
+            if summed[0] == 0:
+                if self.counts_of is not None:
+                    batch['global_counts'] = summed[1:]
                 return batch
             self._it = None  # some rank's pass is over: everyone starts the next epoch
             self.state.epoch += 1

@@ -1,6 +1,7 @@
 """Training metrics: JSON lines (``metrics.jsonl``), TensorBoard when installed, a progress line with ETA on rank 0.
 
 Only rank 0 writes; values are plain floats computed by the trainer (already reduced across ranks where needed).
+:class:`LossWindow` keeps the losses between two log lines on the device.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
-__all__ = ['MetricsLogger', 'peak_memory_mib']
+__all__ = ['LossWindow', 'MetricsLogger', 'peak_memory_mib']
 
 
 def peak_memory_mib() -> float:
@@ -78,6 +80,48 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class LossWindow:
+    """The loss of the optimizer steps since the last log line, summed as device tensors (no host read per step).
+    Owns the logging interval (:meth:`due`); :meth:`means` reads the sums once, averaged over steps and ranks."""
+
+    def __init__(self, interval_steps: int, total_steps: int, samples_seen: int):
+        self.interval_steps, self.total_steps = interval_steps, total_steps
+        self.reset(samples_seen)
+
+    def reset(self, samples_seen: int) -> None:
+        """Empty; the next window's images/s counts from ``samples_seen`` and now."""
+        self.loss_sum: torch.Tensor | None = None
+        self.part_sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.samples_seen, self.start_time = samples_seen, time.time()
+
+    def add(self, step_result) -> None:
+        """One step's ``loss_mean`` and ``part_means`` (device tensors, a trainer StepResult)."""
+        loss = step_result.loss_mean.detach().double()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        for k, v in step_result.part_means.items():
+            v = v.detach().double()
+            self.part_sums[k] = self.part_sums[k] + v if k in self.part_sums else v
+        self.steps += 1
+
+    def due(self, step: int) -> bool:
+        """Whether to log after optimizer step ``step``: every ``interval_steps``, and at the last step."""
+        return step % self.interval_steps == 0 or step == self.total_steps
+
+    def means(self) -> dict[str, float]:
+        """Collective: ``{'total': loss, part: ...}`` averaged over this window's steps and every rank (the parts
+        are the same on every rank). One all-reduce, one host read."""
+        if self.loss_sum is None:
+            return {'total': float('nan')}
+        names = sorted(self.part_sums)
+        sums = torch.stack([self.loss_sum, *(self.part_sums[k] for k in names)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
+        means = (sums / self.steps).tolist()
+        return {'total': means[0], **dict(zip(names, means[1:]))}
 
 
 def _flatten(values: dict, prefix: str = '') -> dict:

@@ -1,8 +1,9 @@
 """The training loop on DeepSpeed, for any objective (pretrain/objectives: supervised classification or M3I).
 
-``Trainer(cfg).train()`` runs a whole stage: resume from the newest complete checkpoint, then per optimizer step
-``lr -> micro-batches (objective loss, backward) -> step -> callbacks (sparsity masks) -> EMA, teacher -> log
--> eval -> checkpoint``.
+``Trainer(cfg).train()`` runs a whole stage: resume from the newest complete checkpoint, then
+``while step < total: train_step(); log window; evaluator.maybe_eval(); checkpoints.maybe_save()``, where
+``train_step`` is ``lr -> micro-batches (objective loss, backward) -> optimizer step -> callbacks (sparsity masks)
+-> EMA, teacher``.
 Components live in their own files (optim, ema, checkpoint, metrics, data, dist, ds_config, the objective steps);
 this file only wires them.
 """
@@ -10,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,13 +26,13 @@ from pretrain.engine import preemption, watchdog
 from pretrain.engine.checkpoint import CheckpointManager, LoaderPosition, RNGStreams, TrainState
 from pretrain.engine.data import BatchStream, build_train_loader, build_val_loader, steps_per_epoch
 from pretrain.engine.ds_config import build_deepspeed_config
-from pretrain.engine.metrics import MetricsLogger, peak_memory_mib
+from pretrain.engine.metrics import LossWindow, MetricsLogger, peak_memory_mib
 from pretrain.engine.optim import CosineWarmupSchedule, build_param_groups, describe_groups, scaled_lr
 from pretrain.engine.run_lock import acquire_run_lock, describe_holder
 from pretrain.objectives import build_model, build_objective_step
 from pretrain.ops.modules import align_convolutions
 
-__all__ = ['Trainer', 'NonFiniteError', 'StepResult', 'build_model', 'total_steps_of']
+__all__ = ['Trainer', 'Evaluator', 'NonFiniteError', 'StepResult', 'build_model', 'total_steps_of']
 
 
 class NonFiniteError(RuntimeError):
@@ -41,12 +41,21 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class StepResult:
-    loss: float  # mean over this rank's finite micro-batches (nan if none)
-    grad_norm: float | None
-    skipped: bool  # DeepSpeed discarded the update (non-finite gradient)
-    micro_batches: int  # consumed, including dropped non-finite ones
-    nonfinite_micro: int
-    parts: dict = field(default_factory=dict)  # the objective's loss parts, mean over the finite micro-batches
+    """What one optimizer step did. The losses stay device tensors, read on the host only when logged."""
+    loss_mean: torch.Tensor  # this rank's mean over the step's (finite) micro-batches
+    part_means: dict[str, torch.Tensor]  # the objective's loss parts, the same mean
+    grad_norm: torch.Tensor | float | None  # DeepSpeed's global norm (inf when the step was skipped), None if unknown
+    skipped: bool  # the optimizer did not step (non-finite gradient, or an fp16 loss-scale overflow)
+
+    @property
+    def loss(self) -> float:
+        """``loss_mean`` on the host (a device sync)."""
+        return float(self.loss_mean)
+
+    @property
+    def parts(self) -> dict[str, float]:
+        """``part_means`` on the host (a device sync)."""
+        return {k: float(v) for k, v in self.part_means.items()}
 
 
 def total_steps_of(cfg: TrainConfig, world_size: int) -> tuple[int, int | None, int]:
@@ -181,12 +190,15 @@ class Trainer:
 
     def train_step(self, next_micro_batch: Callable[[], dict]) -> StepResult:
         """One optimizer step: ``grad_accum_steps`` finite micro-batches from ``next_micro_batch()`` -> a loader batch
-        (``image`` [B,3,H,W], ``label`` [B], ``key``; ``text``, ``has_text`` for image-text objectives), costed by
-        the objective step. A micro-batch whose loss is not finite on any rank is dropped on every rank (no backward)
-        and the next one takes its place; raises :class:`NonFiniteError` after ``run.max_nonfinite_in_a_row`` in a
-        row."""
+        (``image`` [B,3,H,W], ``label`` [B], ``key``; ``text``, ``has_text`` for image-text objectives;
+        ``global_counts`` from :class:`BatchStream`), costed by the objective step. A micro-batch whose loss is not
+        finite on any rank is dropped on every rank (no backward) and the next one takes its place; raises
+        :class:`NonFiniteError` after ``run.max_nonfinite_in_a_row`` in a row.
+
+        Host syncs: one per micro-batch (the ranks agree the loss is finite before the backward, whose ZeRO
+        collectives they must all join); the loss values stay on the device."""
         self.schedule.step_to(self.state.step, self.engine.optimizer.param_groups)
-        losses, parts_sum, consumed, dropped = [], {}, 0, 0
+        loss_sum, parts_sum, consumed, finite = None, {}, 0, 0
         while True:
             batch = next_micro_batch()
             watchdog.beat()  # progress for the per-rank hang watchdog (pretrain/engine/watchdog.py)
@@ -195,28 +207,26 @@ class Trainer:
             self.state.samples_seen += images
             self.state.epoch_samples += images
             loss, parts = self.objective.loss(batch, self.state.step, consumed - 1)
-            if edist.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
-                dropped += 1
+            if _on_any_rank(~torch.isfinite(loss.detach())):
                 self._count_nonfinite('loss')
                 continue
             self.engine.backward(loss)
+            finite += 1
             boundary = self.engine.is_gradient_accumulation_boundary()
-            own_norm = self._plain_optimizer_grad_norm() if boundary else None
+            own_norm, own_skip = self._plain_optimizer_grad_norm() if boundary else (None, False)
             # DeepSpeed's step() runs the optimizer only at the accumulation boundary; before it, it only counts the
             # micro-batch (the gradients keep accumulating). A non-finite norm found above skips the optimizer.
-            with _optimizer_step_skipped(self.engine.optimizer, own_norm is not None and not torch.isfinite(own_norm)):
+            with _optimizer_step_skipped(self.engine.optimizer, own_skip):
                 self.engine.step()
-            losses.append(loss.item())
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                parts_sum[k] = parts_sum[k] + v if k in parts_sum else v
             if boundary:
                 break
         self._sync_buffers()
         grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else None
-        # DeepSpeed's wrappers set overflow when they skipped; the plain optimizer's skip is ours (a non-finite norm)
-        skipped = bool(getattr(self.engine.optimizer, 'overflow', False)) or (
-            grad_norm is not None and not math.isfinite(grad_norm))
+        # DeepSpeed's wrappers set overflow when they skipped the step; the plain optimizer's skip is ours
+        skipped = own_skip or bool(getattr(self.engine.optimizer, 'overflow', False))
         if skipped and self.cfg.deepspeed.precision == 'fp16':
             # fp16: DeepSpeed's dynamic loss scaler skipped the step and lowered the scale (it starts high on
             # purpose, so a run begins with several of these). Counted apart; DeepSpeed stops the run itself if the
@@ -235,28 +245,26 @@ class Trainer:
             if self.ema is not None and self.state.step % self.cfg.ema.every_steps == 0:
                 self.ema.update()
             self.objective.after_step(self.state.step)
-        n = max(len(losses), 1)
-        return StepResult(sum(losses) / len(losses) if losses else float('nan'), grad_norm, skipped, consumed, dropped,
-                          {k: v / n for k, v in parts_sum.items()})
+        return StepResult(loss_sum / finite, {k: v / finite for k, v in parts_sum.items()}, grad_norm, skipped)
 
     @torch.no_grad()
-    def _plain_optimizer_grad_norm(self) -> torch.Tensor | None:
-        """The global gradient norm (0-d tensor; inf when any rank's is not finite) under the plain torch optimizer
-        (ZeRO-0 fp32), at the accumulation boundary, before the optimizer step. None under DeepSpeed's wrappers (bf16,
-        fp16, ZeRO 1-3): they check the same norm and skip the step themselves, setting ``optimizer.overflow``; the
-        plain one would apply a NaN.
+    def _plain_optimizer_grad_norm(self) -> tuple[torch.Tensor | None, bool]:
+        """``(global gradient norm as a 0-d tensor, skip)`` under the plain torch optimizer (ZeRO-0 fp32), at the
+        accumulation boundary, before the optimizer step; skip (norm inf) when it is not finite on any rank.
+        ``(None, False)`` under DeepSpeed's wrappers (bf16, fp16, ZeRO 1-3): they check the same norm and skip the
+        step themselves, setting ``optimizer.overflow``; the plain one would apply a NaN.
 
         The gradients are already all-reduced here, so every rank sees the same norm; the flag is still reduced so
         that the ranks cannot disagree."""
         if hasattr(self.engine.optimizer, 'overflow'):
-            return None
+            return None, False
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         if not grads:
-            return None
+            return None, False
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        if edist.all_reduce_max(0.0 if torch.isfinite(norm) else 1.0) > 0:
-            return torch.tensor(float('inf'))
-        return norm
+        if _on_any_rank(~torch.isfinite(norm)):
+            return torch.tensor(float('inf')), True
+        return norm, False
 
     @torch.no_grad()
     def _sync_buffers(self) -> None:
@@ -268,11 +276,10 @@ class Trainer:
         if not bufs:
             return
         flat = torch.cat([b.reshape(-1).float() for b in bufs])
-        flat = edist.all_reduce_sum(flat.cpu()) / self.world_size
-        offset = 0
-        for b in bufs:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
-            offset += b.numel()
+        dist.all_reduce(flat)  # where the buffers live: nccl on the GPU, gloo on the CPU; no host round trip
+        flat /= self.world_size
+        for b, mean in zip(bufs, flat.split([b.numel() for b in bufs])):
+            b.copy_(mean.view_as(b))
 
     def _loss_scale(self) -> float:
         """The current fp16 loss scale (1.0 in bf16 and fp32)."""
@@ -289,73 +296,68 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
+        """Run the stage from ``state.step`` to ``total_steps`` (or ``run.stop_after_steps`` more); returns the
+        summary (also written to ``summary.json``). Each component owns its decision after a step: the loss window
+        when to log, the evaluator when to evaluate, the checkpoint manager when to save. Raises
+        :class:`NonFiniteError` and :class:`preemption.Preempted`; the metrics are closed (flushed) on every exit."""
         cfg = self.cfg
-        stream = BatchStream(self.train_loader, self.state)
-        next_micro = stream.next_batch
-
+        stream = BatchStream(self.train_loader, self.state, counts_of=self.objective.batch_counts)
+        window = LossWindow(cfg.logging.interval_steps, self.total_steps, self.state.samples_seen)
+        evaluator = Evaluator(self.evaluate, self.metrics, self.log, interval_steps=cfg.run.eval_interval_steps,
+                              total_steps=self.total_steps)
+        stop_at = self.total_steps
+        if cfg.run.stop_after_steps is not None:
+            stop_at = min(stop_at, self.state.step + cfg.run.stop_after_steps)
         self.log(f'training {cfg.model.name} for {self.total_steps} steps from step {self.state.step}; '
                  f'{self.world_size} ranks, global batch {self.global_batch_size}, lr peak {self.lr_peak:.3g}, '
                  f'ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}')
-        window = {'loss_sum': 0.0, 'loss_n': 0, 'parts': {}, 'samples': self.state.samples_seen, 'time': time.time()}
-        eval_result: dict = {}
         self.engine.train()
-        start_step = self.state.step
-        while self.state.step < self.total_steps:
-            if cfg.run.stop_after_steps is not None and self.state.step - start_step >= cfg.run.stop_after_steps:
+        try:
+            while self.state.step < stop_at:
+                res = self.train_step(stream.next_batch)
+                self._stop_if_preempted()
+                window.add(res)
+                if window.due(self.state.step):
+                    self._log_train(self.state.step, res, window)
+                # eval before the save: the checkpoint's RNG state then includes whatever the evaluation drew
+                evaluator.maybe_eval(self.state.step)
+                self.ckpt.maybe_save(self.state.step)
+            if self.state.step < self.total_steps:
                 self.save()
                 self.log(f'stopping after {cfg.run.stop_after_steps} steps in this run (run.stop_after_steps)')
-                self.metrics.close()
                 return {'step': self.state.step, 'samples_seen': self.state.samples_seen, 'stopped_early': True,
                         'last_checkpoint': self.last_checkpoint}
-            res = self.train_step(next_micro)
-            if preemption.installed() and preemption.agreed():  # a requeue signal reached some rank: all save
-                self.save()
-                self.metrics.close()
-                raise preemption.Preempted(self.state.step, self.last_checkpoint, preemption.signal_name())
-            if math.isfinite(res.loss):
-                window['loss_sum'] += res.loss
-                window['loss_n'] += 1
-                for k, v in res.parts.items():
-                    window['parts'][k] = window['parts'].get(k, 0.0) + v
-            step = self.state.step
-            if step % cfg.logging.interval_steps == 0 or step == self.total_steps:
-                self._log_train(step, res, window)
-            if cfg.run.eval_interval_steps and step % cfg.run.eval_interval_steps == 0 and step < self.total_steps:
-                eval_result = self.evaluate()
-                self.metrics.log(step, eval_result, prefix='eval')
-            if step % cfg.checkpoint.interval_steps == 0 or (step == self.total_steps and cfg.checkpoint.save_at_end):
-                self.save()
-        if self.val_loader is not None:
-            eval_result = self.evaluate()
-            self.metrics.log(self.state.step, eval_result, prefix='eval')
-            self.log(f'eval at step {self.state.step}: {eval_result}')
-        summary = {'step': self.state.step, 'samples_seen': self.state.samples_seen,
-                   'nonfinite_total': self.state.nonfinite_total, 'loss_scale_skips': self.state.loss_scale_skips,
-                   'last_checkpoint': self.last_checkpoint,
-                   'eval': eval_result, 'world_size': self.world_size}
-        if self.rank == 0:
-            with open(os.path.join(self.out_dir, 'summary.json'), 'w') as f:
-                json.dump(summary, f, indent=1)
-        self.metrics.close()
-        return summary
+            summary = {'step': self.state.step, 'samples_seen': self.state.samples_seen,
+                       'nonfinite_total': self.state.nonfinite_total, 'loss_scale_skips': self.state.loss_scale_skips,
+                       'last_checkpoint': self.last_checkpoint, 'eval': evaluator.final(self.state.step),
+                       'world_size': self.world_size}
+            if self.rank == 0:
+                with open(os.path.join(self.out_dir, 'summary.json'), 'w') as f:
+                    json.dump(summary, f, indent=1)
+            return summary
+        finally:
+            self.metrics.close()
+
+    def _stop_if_preempted(self) -> None:
+        """Collective: when a requeue signal reached any rank, every rank saves and raises ``Preempted``."""
+        if preemption.installed() and preemption.agreed():
+            self.save()
+            raise preemption.Preempted(self.state.step, self.last_checkpoint, preemption.signal_name())
 
     def save(self) -> str:
         """Collective: commit a checkpoint of the current step now; returns its folder."""
         return self.ckpt.save(self.state.step)
 
-    def _log_train(self, step: int, res: StepResult, window: dict) -> None:
-        names = sorted(window['parts'])
-        sums = edist.all_reduce_sum(torch.tensor([window['loss_sum'], float(window['loss_n'])] +
-                                                 [window['parts'][k] for k in names], dtype=torch.float64))
+    def _log_train(self, step: int, res: StepResult, window: LossWindow) -> None:
+        """Collective: one metrics line for the steps of ``window`` (then emptied); ``res`` is the last step's."""
         now = time.time()
-        images = self.state.samples_seen - window['samples']
-        mean = (lambda i: float(sums[i] / sums[1])) if sums[1] > 0 else (lambda i: float('nan'))
-        loss_parts = {'total': mean(0), **{k: mean(2 + i) for i, k in enumerate(names)}}
+        images = self.state.samples_seen - window.samples_seen
+        grad_norm = float(res.grad_norm) if res.grad_norm is not None else float('nan')
         values = {
-            'loss': loss_parts,
+            'loss': window.means(),
             'lr': self.schedule.lr_at(step - 1),
-            'grad_norm': res.grad_norm if res.grad_norm is not None else float('nan'),
-            'images_per_s': images / max(now - window['time'], 1e-9),
+            'grad_norm': grad_norm,
+            'images_per_s': images / max(now - window.start_time, 1e-9),
             'samples_seen': self.state.samples_seen,
             'epoch': self.state.epoch,
             'peak_memory_mib': edist.all_reduce_max(peak_memory_mib()),
@@ -367,8 +369,8 @@ class Trainer:
         self.metrics.log(step, values)
         self.metrics.progress(step, self.total_steps,
                               f'loss {values["loss"]["total"]:.4f} lr {values["lr"]:.3g} '
-                              f'gnorm {values["grad_norm"]:.3g} {values["images_per_s"]:.1f} img/s')
-        window.update(loss_sum=0.0, loss_n=0, parts={}, samples=self.state.samples_seen, time=now)
+                              f'gnorm {grad_norm:.3g} {values["images_per_s"]:.1f} img/s')
+        window.reset(self.state.samples_seen)
 
     def _data_skips(self) -> dict[str, int]:
         mine = self.train_loader.skip_counts() if self.train_loader is not None else {}
@@ -384,10 +386,10 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, loader=None) -> dict:
-        """The objective's metrics (top-1/top-5, zero-shot) of the raw weights and the EMA's, summed over every
-        rank's share of the val set."""
-        loader = loader if loader is not None else self.val_loader
+    def evaluate(self) -> dict:
+        """Collective: the objective's metrics (top-1/top-5, zero-shot) of the raw weights and the EMA's, summed over
+        every rank's share of the val set ({} without one)."""
+        loader = self.val_loader
         if loader is None:
             return {}
         self.engine.eval()
@@ -399,6 +401,44 @@ class Trainer:
         finally:
             self.engine.train()
         return out
+
+
+class Evaluator:
+    """Owns when a stage evaluates: every ``interval_steps`` before the last step (:meth:`maybe_eval`; 0 = never),
+    and once at the end (:meth:`final`). ``evaluate() -> {...}`` is collective; non-empty results go to the
+    metrics as ``eval`` lines."""
+
+    def __init__(self, evaluate: Callable[[], dict], metrics: MetricsLogger, log: Callable[[str], None], *,
+                 interval_steps: int | None, total_steps: int):
+        self.evaluate, self.metrics, self.log = evaluate, metrics, log
+        self.interval_steps, self.total_steps = interval_steps, total_steps
+
+    def maybe_eval(self, step: int) -> dict | None:
+        """After optimizer step ``step``: the results when it is an interval step (the last one is :meth:`final`'s)."""
+        if not self.interval_steps or step % self.interval_steps or step >= self.total_steps:
+            return None
+        return self._run(step)
+
+    def final(self, step: int) -> dict:
+        """The end-of-stage evaluation ({} without a val set), also printed."""
+        result = self._run(step)
+        if result:
+            self.log(f'eval at step {step}: {result}')
+        return result
+
+    def _run(self, step: int) -> dict:
+        result = self.evaluate()
+        if result:
+            self.metrics.log(step, result, prefix='eval')
+        return result
+
+
+def _on_any_rank(flag: torch.Tensor) -> bool:
+    """Collective: whether a 0-d bool tensor is true on any rank (reduced where it lives; one host read)."""
+    flag = flag.to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 @contextlib.contextmanager

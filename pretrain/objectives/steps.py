@@ -91,6 +91,11 @@ class SupervisedStep:
         loss = self.criterion(self.engine(images).float(), targets)
         return loss, {'ce': loss.detach()}
 
+    @staticmethod
+    def batch_counts(batch: dict | None) -> list[float]:
+        """Nothing to count across ranks (the cross-entropy is a per-rank mean)."""
+        return []
+
     def after_step(self, step: int) -> None:
         pass
 
@@ -107,7 +112,7 @@ class M3IStep:
         from pretrain.common.ema import EMA
 
         self.cfg, self.engine, self.device, self.dtype = cfg, engine, device, dtype
-        self.rank, self.total_steps = rank, total_steps
+        self.rank, self.world_size, self.total_steps = rank, world_size, total_steps
         self.model = engine.module
         ob = cfg.objective
         self.use = {name: w > 0 for name, w in ob.weights().items()}
@@ -117,22 +122,39 @@ class M3IStep:
         self.averages = {'teacher': self.teacher} if self.teacher is not None else {}
 
     def _mask(self, batch_size: int, step: int, micro: int) -> torch.Tensor:
-        """The one mask of this micro-batch, shared by MIM and FCMAE."""
+        """The one mask of this micro-batch, shared by MIM and FCMAE: one draw per sample, seeded by (seed, step,
+        the sample's place in the step's global batch), so the masks do not depend on how the global batch is split
+        into ranks and micro-batches (2 ranks x 4 draw what 1 rank x 8 draws), and are the same after a resume
+        without any RNG state."""
         ratio, patch = self.cfg.objective.mask_settings()
         size = self.cfg.data.img_size // patch
-        # Seeded by (seed, step, micro-batch, rank): the same masks after a resume, without any RNG state.
-        seed = ((self.cfg.run.seed * 1_000_003 + step) * 1009 + micro) * 10_007 + self.rank
-        g = torch.Generator().manual_seed(seed % 2 ** 62)
-        return random_grid_mask(batch_size, (size, size), ratio, g, self.device)
+        first = (micro * self.world_size + self.rank) * batch_size
+        masks = []
+        for sample in range(first, first + batch_size):
+            seed = ((self.cfg.run.seed * 1_000_003 + step) * 1_000_033 + sample) % 2 ** 62
+            masks.append(random_grid_mask(1, (size, size), ratio, torch.Generator().manual_seed(seed)))
+        return torch.cat(masks).to(self.device)
+
+    @staticmethod
+    def batch_counts(batch: dict | None) -> list[float]:
+        """``[samples with a caption, samples with a label]`` of this rank's micro-batch (host tensors, no device
+        sync); zeros for None (a rank whose pass is over). Summed over ranks by the trainer's BatchStream."""
+        if batch is None:
+            return [0.0, 0.0]
+        labels = batch['label']
+        return [float(batch['has_text'].sum()) if 'has_text' in batch else 0.0, float((labels >= 0).sum())]
 
     def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``batch['global_counts']`` (from BatchStream) are :meth:`batch_counts` summed over ranks; without them
+        (a caller outside the stream) this call reduces them itself (collective)."""
+        counts = batch.get('global_counts')
+        if counts is None:
+            counts = edist.all_reduce_sum(torch.tensor(self.batch_counts(batch), dtype=torch.float64))
         images = batch['image'].to(self.device, non_blocking=True).to(self.dtype)
         labels = batch['label'].to(self.device, non_blocking=True)
         has_text = batch['has_text'].to(self.device) if 'has_text' in batch else torch.zeros_like(labels, dtype=bool)
-        counts = edist.all_reduce_sum(torch.tensor([float(has_text.sum()), float((labels >= 0).sum())],
-                                                   dtype=torch.float64)).to(self.device)
-        kwargs: dict = {'counts': counts}
-        if self.use['contrastive'] and counts[0] > 0:
+        kwargs: dict = {'counts': counts.to(self.device, non_blocking=True)}
+        if self.use['contrastive'] and counts[0] > 0:  # host tensors: no device sync
             kwargs.update(text=batch['text'].to(self.device, non_blocking=True), text_valid=has_text)
         if self.use['supervised'] and counts[1] > 0:
             kwargs['labels'] = labels
