@@ -185,6 +185,8 @@ def learning_curves_figure(stages: list[tuple[str, Path]], *, title: str,
         records = read_metrics(out_dir)
         train = [r for r in records if r.get('split') == 'train' and isinstance(r.get('loss'), dict)]
         evals = [r for r in records if r.get('split') == 'eval']
+        if not records:  # not started yet: no boundary on top of the next stage's
+            continue
         boundaries.append((offset, stage))
         parts = sorted({k for r in train for k in r['loss']})
         if len(parts) == 2 and 'total' in parts:  # one part: its total is the same curve
