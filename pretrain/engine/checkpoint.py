@@ -672,9 +672,9 @@ def _mount_point(path: str) -> str:
 
 
 def _conversion_bound_s(saved_bytes: int) -> float:
-    # How long the other ranks wait for rank 0's ds_to_universal: 10 min plus 20 s per GiB saved, about 10x the
-    # single-worker rate measured by benchmarks/universal_conversion.py (docs/ENGINE.md).
-    return 600.0 + 20.0 * saved_bytes / 2 ** 30
+    # How long the other ranks wait for rank 0's ds_to_universal: 30 min plus 300 s per GiB saved, 3x the slope
+    # benchmarks/universal_conversion.py measured on a loaded 2-core machine (InternImage-H: ~100 min; docs/ENGINE.md).
+    return 1800.0 + 300.0 * saved_bytes / 2 ** 30
 
 
 def _describe_failure(exc: BaseException, path: str) -> str:
