@@ -79,6 +79,11 @@ def _worker(kind: str, out_dir: str, *args: str) -> None:
             ckpt = CheckpointManager(args[rank], keep_last=5, rank=rank, world_size=dist.get_world_size())
             plan = ckpt.plan_resume('auto', 'error')
             result['plan'] = None if plan is None else {'step': plan.step, 'step_dir': plan.step_dir}
+        elif kind == 'universal':  # args: checkpoint root (its newest folder was saved by another world size)
+            ckpt = CheckpointManager(args[0], keep_last=5, rank=rank, world_size=dist.get_world_size())
+            plan = ckpt.plan_resume('auto', 'universal')
+            result['plan'] = {'step': plan.step, 'mode': plan.mode}
+            ckpt.prepare_universal(plan)
         elif kind == 'lock':  # args: output folder, seconds to hold the lock
             from pretrain.engine.run_lock import acquire_run_lock
             lock = acquire_run_lock(args[0], rank)
@@ -120,6 +125,24 @@ def test_the_ranks_agree_on_the_checkpoint_they_resume_from(tmp_path):
         assert r['error'].startswith('RuntimeError: rank 0 chose to resume from step 4'), r
         assert f'rank 1 cannot read {seen1 / "step_00000004"}/{MARKER}' in r['error']
         assert 'rank 0 cannot' not in r['error']
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_failed_universal_conversion_stops_every_rank_without_a_collective_wait(tmp_path):
+    """Rank 0 runs ds_to_universal on a save it cannot read; rank 1, which waits for it on the file system (not in a
+    collective), stops with rank 0's error, and so does rank 0. Nothing is written into the committed folder."""
+    root = tmp_path / 'checkpoints'
+    _commit(root, 3, world_size=1)
+    (root / 'step_00000003' / 'global_step3').mkdir()  # an empty DeepSpeed save
+    results = _run_worker(2, 'universal', tmp_path / 'out', str(root))
+    assert [r['plan'] for r in results] == [{'step': 3, 'mode': 'universal'}] * 2
+    assert results[0]['error'].startswith('RuntimeError: ds_to_universal failed'), results[0]
+    assert results[1]['error'].startswith(f'RuntimeError: rank 0 could not convert {root / "step_00000003"}'
+                                          '/global_step3 to a universal checkpoint: RuntimeError: ds_to_universal'
+                                          ' failed'), results[1]
+    assert sorted(p.name for p in (root / 'step_00000003').iterdir()) == [MARKER, 'global_step3']
+    assert (root / 'step_00000003.universal' / 'FAILED').is_file()
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
