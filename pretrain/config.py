@@ -224,7 +224,7 @@ class SparsityConfig:
 
     enabled: bool = False
     sparsity: float = 0.4  # fraction of the masked weights held at zero
-    init: str = 'erk'  # per-layer densities: 'erk' (Erdos-Renyi-kernel) or 'uniform'
+    init: str = 'erk'  # per-layer densities: 'erk' (Erdos-Renyi-kernel), 'uniform' or 'snip' (SLaK's, one batch)
     include: str = ''  # regex on parameter names to mask; '' = every 2-D and 4-D weight (SLaK's default)
     update_interval_steps: int = 100  # prune and grow every this many optimizer steps (SLaK -u; T used 2000)
     prune_rate: float = 0.3  # fraction of each layer's active weights replaced at the first update (SLaK T: 0.5)
@@ -234,8 +234,8 @@ class SparsityConfig:
     def validate(self) -> None:
         if not 0.0 < self.sparsity < 1.0:
             raise ValueError(f'sparsity.sparsity must be in (0, 1), got {self.sparsity}')
-        if self.init not in ('erk', 'uniform'):
-            raise ValueError(f"sparsity.init must be 'erk' or 'uniform', got {self.init!r}")
+        if self.init not in ('erk', 'uniform', 'snip'):
+            raise ValueError(f"sparsity.init must be 'erk', 'uniform' or 'snip', got {self.init!r}")
         if self.update_interval_steps < 1:
             raise ValueError(f'sparsity.update_interval_steps must be >= 1, got {self.update_interval_steps}')
         if not 0.0 <= self.prune_rate_min <= self.prune_rate < 1.0:

@@ -38,7 +38,7 @@ def test_prune_rate_decays_by_cosine():
     assert prune_rate_at(cfg, 0, 1000) == pytest.approx(0.3)
     assert prune_rate_at(cfg, 500, 1000) == pytest.approx((0.3 + 0.005) / 2)
     assert prune_rate_at(cfg, 1000, 1000) == pytest.approx(0.005)
-    for bad in (dict(sparsity=1.0), dict(init='snip'), dict(update_interval_steps=0), dict(prune_rate_min=0.5)):
+    for bad in (dict(sparsity=1.0), dict(init='grasp'), dict(update_interval_steps=0), dict(prune_rate_min=0.5)):
         with pytest.raises(ValueError):
             SparsityConfig(**bad).validate()
 

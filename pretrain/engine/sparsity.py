@@ -29,7 +29,12 @@ Equivalence with SLaK, which also masks the momentum buffers every step: Adam is
 are reset to zero after every step. The moments of a masked position therefore change nothing until the position
 is regrown. At that point we zero them, which gives the same weight trajectory.
 
-Not implemented: SLaK's SNIP initialisation. It needs one batch's gradients before the first step; use ``erk``.
+SNIP initialisation (``init='snip'``, SLaK's ``--sparse_init snip``): one batch's cross-entropy gradients on an
+fp32 copy of the model (built from the config, loaded with the full fp32 weights, every rank its own first batch,
+gradients summed over the ranks), score ``|w * dL/dw|``; a global top-k at density ``1 - sparsity`` over all
+masked weights gives each layer's density (:func:`snip_densities`), and each layer's mask is then drawn at random
+with that density, as SLaK does. The batch is the first of a fresh loader of ``data.train`` (the trainer's own
+loader is not advanced), or ``snip_batch`` when given.
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ import torch
 from pretrain.common.schedule import cosine_between
 from pretrain.config import SparsityConfig
 
-__all__ = ['SparsityConfig', 'DynamicSparsity', 'layer_densities', 'prune_and_grow', 'prune_rate_at']
+__all__ = ['SparsityConfig', 'DynamicSparsity', 'layer_densities', 'snip_densities', 'snip_scores', 'prune_and_grow',
+           'prune_rate_at']
 
 _ADAM_STATES = ('exp_avg', 'exp_avg_sq')
 
@@ -61,6 +67,47 @@ def layer_densities(shapes: dict[str, tuple[int, ...]], density: float, init: st
         if not over:
             return {n: 1.0 if n in dense else raw[n] * scale for n in shapes}
         dense |= over
+
+
+def snip_densities(scores: dict[str, torch.Tensor], density: float) -> dict[str, float]:
+    """SLaK's SNIP layer densities: the ``round(density * total)`` largest scores over all layers together are kept;
+    a layer's density is the fraction of its own entries among them. ``scores``: name -> tensor of the weight's
+    shape (``|w * grad|``). Ties at the threshold go to the lower flat index."""
+    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
+    k = int(round(density * flat.numel()))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    out, start = {}, 0
+    for n, s in scores.items():
+        out[n] = float(keep[start:start + s.numel()].float().mean())
+        start += s.numel()
+    return out
+
+
+def snip_scores(model: torch.nn.Module, names: list[str], batch: dict) -> dict[str, torch.Tensor]:
+    """``|w * dL/dw|`` of the parameters ``names`` for the cross-entropy of ``model(batch['image'])`` against
+    ``batch['label']`` (class indices), in float32 on the model's device; the model's gradients are left cleared.
+    Under torch.distributed the gradients are summed over the ranks first (SNIP over the global batch)."""
+    if 'label' not in batch:
+        raise ValueError(f"sparsity.init=snip needs labelled batches (a 'label' field), got fields {sorted(batch)}")
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f'sparsity.init=snip: the model has no parameters {missing[:3]}')
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    logits = model(batch['image'].to(device, torch.float32))
+    torch.nn.functional.cross_entropy(logits.float(), batch['label'].to(device)).backward()
+    scores = {}
+    for n in names:
+        grad = params[n].grad
+        if grad is None:
+            raise ValueError(f'sparsity.init=snip: {n} received no gradient')
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(grad)
+        scores[n] = (params[n].detach() * grad).abs()
+    model.zero_grad(set_to_none=True)
+    return scores
 
 
 def prune_rate_at(cfg: SparsityConfig, step: int, total_steps: int) -> float:
@@ -92,7 +139,7 @@ class DynamicSparsity:
     them through :meth:`load_state_dict` (the checkpointer calls it). ``after_step(trainer)`` masks the weights and,
     every ``update_interval_steps`` steps, prunes and grows."""
 
-    def __init__(self, cfg: SparsityConfig, trainer):
+    def __init__(self, cfg: SparsityConfig, trainer, snip_batch: dict | None = None):
         cfg.validate()
         self.cfg = cfg
         self.module = trainer.engine.module
@@ -102,7 +149,7 @@ class DynamicSparsity:
                        if p.requires_grad and (pattern.search(n) if pattern else len(_shape(p)) in (2, 4))}
         if not self.params:
             raise ValueError(f'sparsity: no parameter to mask (include={cfg.include!r})')
-        self.masks = self._initial_masks()
+        self.masks = self._initial_masks(trainer, snip_batch)
         self.updates = 0
         self._device_masks: dict[str, torch.Tensor] = {}
         self.apply()
@@ -124,9 +171,13 @@ class DynamicSparsity:
         self.apply()
 
     # ----------------------------------------------------------------------------------------------------------
-    def _initial_masks(self) -> dict[str, torch.Tensor]:
+    def _initial_masks(self, trainer, snip_batch: dict | None) -> dict[str, torch.Tensor]:
         shapes = {n: _shape(p) for n, p in self.params.items()}
-        densities = layer_densities(shapes, 1.0 - self.cfg.sparsity, self.cfg.init)
+        if self.cfg.init == 'snip':
+            scores = snip_scores(self._fp32_copy(trainer), list(self.params), snip_batch or _first_batch(trainer))
+            densities = snip_densities(scores, 1.0 - self.cfg.sparsity)
+        else:
+            densities = layer_densities(shapes, 1.0 - self.cfg.sparsity, self.cfg.init)
         gen = torch.Generator().manual_seed(self.cfg.seed)
         masks = {}
         for n, shape in shapes.items():
@@ -135,6 +186,25 @@ class DynamicSparsity:
             flat[torch.randperm(numel, generator=gen)[:int(round(densities[n] * numel))]] = True
             masks[n] = flat.view(shape)
         return masks
+
+    def _fp32_copy(self, trainer) -> torch.nn.Module:
+        """A plain fp32 copy of the trained module on the trainer's device, holding the full fp32 weights (read
+        through DeepSpeed under ZeRO: a collective, every rank calls it)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from pretrain.objectives import build_model
+
+        copy = build_model(trainer.cfg).to(trainer.device, torch.float32).train()
+        weights = {}
+        for n, p in self.module.named_parameters():
+            managed = hasattr(p, 'ds_id') or hasattr(p, '_hp_mapping')
+            w = safe_get_full_fp32_param(p) if managed else _zero0_master(self.optimizer, p, None)
+            weights[n] = w.detach().reshape(_shape(p))
+        missing, unexpected = copy.load_state_dict(weights, strict=False)
+        if unexpected or any(n in dict(copy.named_parameters()) for n in missing):
+            raise ValueError(f'sparsity.init=snip: the rebuilt model does not match the trained one '
+                             f'(missing {missing[:3]}, unexpected {unexpected[:3]})')
+        return copy
 
     def density(self) -> float:
         """Active fraction over all masked weights."""
@@ -183,6 +253,20 @@ class DynamicSparsity:
                         f'regrown, density {summary["density"]:.4f}')
         else:
             self.apply()
+
+
+def _first_batch(trainer) -> dict:
+    """The first micro-batch of a fresh loader of ``data.train`` for this rank (the trainer's loader is untouched)."""
+    from pretrain.engine.data import build_train_loader
+
+    if trainer.train_loader is None:
+        raise ValueError('sparsity.init=snip needs one training batch: build the trainer with its data or pass '
+                         'snip_batch')
+    loader = build_train_loader(trainer.cfg, trainer.rank, trainer.world_size)
+    try:
+        return next(iter(loader))
+    finally:
+        del loader
 
 
 def _link_optimizer_states(optimizer) -> None:

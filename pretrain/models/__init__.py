@@ -16,10 +16,12 @@ from pretrain.models.pelk import MODEL_ARGS as PELK_ARGS
 from pretrain.models.pelk import PeLK
 from pretrain.models.replknet import MODEL_ARGS as REPLKNET_ARGS
 from pretrain.models.replknet import RepLKNet
+from pretrain.models.slak import MODEL_ARGS as SLAK_ARGS
+from pretrain.models.slak import SLaK
 from pretrain.models.weights import LoadReport, convert_state_dict, load_checkpoint, read_class_index
 
 __all__ = [
-    'InternImage', 'INTERNIMAGE_ARGS', 'PeLK', 'PELK_ARGS', 'RepLKNet', 'REPLKNET_ARGS',
+    'InternImage', 'INTERNIMAGE_ARGS', 'PeLK', 'PELK_ARGS', 'RepLKNet', 'REPLKNET_ARGS', 'SLaK', 'SLAK_ARGS',
     'LoadReport', 'load_checkpoint', 'convert_state_dict',
     'read_class_index',
     'create_backbone', 'backbone_from_config', 'set_grad_checkpointing', 'checkpointable_blocks', 'output_stride',
