@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 
 from pretrain.ops import CORE_OPS, DCNv3, build_act_layer, build_norm_layer
@@ -357,6 +357,8 @@ class InternImage(nn.Module):
     ``(B, int(C4*cls_scale), H/32, W/32)`` after ``conv_head`` (T..XL) or ``(B, 1024, H/16, W/16)`` (H/G);
     ``forward_head`` pools and classifies. ``num_features`` / ``output_stride`` are that map's channels and stride,
     ``head_hidden_size`` the pooled width (768 for T and for H/G); ``feature_info`` describes the four levels.
+    ``global_pool=''`` (constructor or :meth:`reset_classifier`) skips the pooling: ``forward_head`` then returns
+    the NCHW map (the head, if any, applied per position). TorchScript is not supported (docs/MODELS.md).
     """
 
     block_layout = 'NHWC'  # its blocks take channels-last input (pretrain.objectives.masking.block_layout)
@@ -387,8 +389,10 @@ class InternImage(nn.Module):
             center_feature_scale: bool = False,
             remove_center: bool = False,
             in_chans: int = 3,
+            global_pool: str = 'avg',
     ):
         super().__init__()
+        _check_pool(global_pool)
         if core_op not in CORE_OP_BACKENDS:
             raise ValueError(f'core_op must be one of {sorted(CORE_OP_BACKENDS)}, got {core_op!r}')
         if drop_path_type not in ('linear', 'uniform'):
@@ -397,6 +401,7 @@ class InternImage(nn.Module):
             raise ValueError(f'depths {list(depths)} and groups {list(groups)} must have the same length')
         self.core_op = core_op
         self.num_classes = num_classes
+        self.global_pool = global_pool
         self.num_levels = len(depths)
         self.depths = list(depths)
         self.channels = channels
@@ -557,11 +562,12 @@ class InternImage(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace ``head`` by a fresh ``Linear(head_hidden_size, num_classes)`` (Identity if ``num_classes <= 0``).
 
-        ``global_pool`` is accepted for timm API compatibility; only average pooling (T..XL) and attention pooling
-        (H/G) exist.
+        ``global_pool``: None keeps the current pooling, 'avg' pools (average for T..XL, attention for H/G),
+        '' leaves the map unpooled.
         """
-        if global_pool not in (None, '', 'avg'):
-            raise ValueError(f'InternImage supports only average / attention pooling, got global_pool={global_pool!r}')
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = global_pool
         self.num_classes = num_classes
         device, dtype = self._param_device_dtype()
         self.head = (nn.Linear(self.head_hidden_size, num_classes, device=device, dtype=dtype)
@@ -600,7 +606,10 @@ class InternImage(nn.Module):
         return self._head_features(self._levels_forward(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """NCHW map from ``forward_features`` -> ``(B, num_classes)``; ``(B, head_hidden_size)`` if pre_logits."""
+        """NCHW map from ``forward_features`` -> ``(B, num_classes)``; ``(B, head_hidden_size)`` if pre_logits.
+        Unpooled (``global_pool=''``): the map itself, or ``(B, num_classes, H, W)`` through the head."""
+        if not self.global_pool:
+            return x if pre_logits else self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if not self.use_clip_projector:
             x = torch.flatten(self.avgpool(x), 1)
         else:
@@ -610,6 +619,12 @@ class InternImage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def __prepare_scriptable__(self):
+        # An explicit opt-out (torch.jit.script calls this first): DCNv3 is not scriptable, and torch 2.14 deprecates
+        # scripting; torch.compile, torch.export and ONNX (docs/EXPORT.md) are the supported routes.
+        raise RuntimeError('InternImage does not support TorchScript (torch.jit.script); use torch.compile, '
+                           'torch.export or the ONNX export instead (docs/MODELS.md)')
 
     def forward_features_seq_out(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Official name used by detection/segmentation: per-level outputs, NHWC, before downsampling."""
@@ -656,6 +671,16 @@ class InternImage(nn.Module):
             self.head = nn.Identity()
             self.num_classes = 0
         return take_indices
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in ('', 'avg'):
+        raise ValueError(f"InternImage's global_pool must be 'avg' (pooled: average for T..XL, attention for H/G) or "
+                         f"'' (unpooled), got {global_pool!r}")
+
+
+# FX (timm's feature extraction, torch.fx) keeps DCNv3 as one call: its argument checks depend on tensor shapes.
+register_notrace_module(DCNv3)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: InternImage) -> dict:

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, NormMlpClassifierHead, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 
 from pretrain.models.factory import set_grad_checkpointing
@@ -93,6 +93,7 @@ def kpe_bias(weight: torch.Tensor, kpe: torch.Tensor, height: int, width: int, m
     return out.to(weight.dtype)
 
 
+@register_notrace_module  # FX keeps it as one call: dwconv2d chooses FFT or native from the shapes
 class PartialPeripheralConv(nn.Module):
     """``(B, H, W, C)`` -> ``(B, H, W, C)``: the first ``conv_channels`` channels through a depth-wise peripheral
     convolution (k x k kernel from ``weight (C', 1, k', k')`` by :func:`sharing_grid`, ``bias (C',)``, plus the
@@ -344,6 +345,12 @@ class PeLK(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def __prepare_scriptable__(self):
+        # An explicit opt-out (torch.jit.script calls this first): torch 2.14 deprecates scripting, and the
+        # peripheral convolution's shape-dependent choice is not scriptable; torch.compile / ONNX are supported.
+        raise RuntimeError('PeLK does not support TorchScript (torch.jit.script); use torch.compile, torch.export or '
+                           'the ONNX export instead (docs/MODELS.md)')
 
     def forward_intermediates(
             self,
