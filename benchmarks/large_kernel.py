@@ -20,6 +20,17 @@ over square kernels 3..31 on 56/28/14/7 maps (64 channels) to find where the FFT
     python benchmarks/large_kernel.py --sweep --batch 4
     python benchmarks/large_kernel.py --model-step --batch 2
     python benchmarks/large_kernel.py --device cuda --threads 0 --repeats 50
+    python benchmarks/large_kernel.py --table                         # PeLK paper's comparison table (~1 min)
+    python benchmarks/large_kernel.py --table --step-time --device cuda --threads 0 --batch 32
+
+``--table``: parameters (dense, and non-zero when every 2-D/4-D weight keeps 60%, SLaK's and PeLK's 40% sparsity)
+and multiply-accumulates at ``--img-size`` for ConvNeXt-T/S/B, RepLKNet-31B, SLaK-T/S/B and PeLK-T/S/B beside the
+published figures (PeLK paper Table 4; the RepLKNet, SLaK and ConvNeXt READMEs). MACs are counted from shapes
+on the meta device, fvcore's convention: every convolution and linear layer, ``out elements x in/groups x kh x kw``
+with the whole (uncropped) kernel, norms and activations not counted; PeLK's peripheral convolution counts its
+expanded k x k kernel on its 3/8 of the channels. Sparse MACs scale each masked layer's MACs by its density.
+``--step-time`` adds a training step's time (forward, cross-entropy, backward) and peak memory at ``--batch`` x
+``--img-size`` with ``conv_impl`` native and fft (RepLKNet, SLaK, PeLK; ConvNeXt has one path).
 """
 from __future__ import annotations
 
@@ -177,6 +188,122 @@ def model_step(args) -> str:
             + f'\n  speed-up of auto over native: {med["native"] / med["auto"]:.1f}x')
 
 
+# name: (published params in M, published GMACs at 224, what the published params count, source)
+PUBLISHED = {
+    'convnext_tiny': (28.6, 4.5, 'dense', 'ConvNeXt README'),
+    'convnext_small': (50.2, 8.7, 'dense', 'ConvNeXt README'),
+    'convnext_base': (88.6, 15.4, 'dense', 'ConvNeXt README'),
+    'replknet_31b': (79, 15.3, 'dense', 'RepLKNet README; PeLK Table 4'),
+    'slak_t': (30, 5.0, 'non-zero', 'SLaK README; PeLK Table 4'),
+    'slak_s': (55, 9.8, 'non-zero', 'SLaK README; PeLK Table 4'),
+    'slak_b': (95, 17.1, 'non-zero', 'SLaK README; PeLK Table 4'),
+    'pelk_t': (29, 5.6, 'non-zero', 'PeLK Table 4'),
+    'pelk_s': (50, 10.7, 'non-zero', 'PeLK Table 4'),
+    'pelk_b': (89, 18.3, 'non-zero', 'PeLK Table 4'),
+}
+SPARSITY = 0.4  # SLaK and PeLK: every 2-D / 4-D weight at 40% sparsity
+
+
+def count_macs(model: torch.nn.Module, img_size: int) -> tuple[int, int]:
+    """(dense MACs, MACs with every 2-D/4-D weight at ``1 - SPARSITY`` density) of one ``img_size`` image, from
+    forward hooks on the meta device (see the module docstring for the convention)."""
+    from pretrain.models.pelk import PartialPeripheralConv
+
+    counts = []
+
+    def conv_hook(m, inp, out):
+        counts.append(out.numel() * m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3])
+
+    def linear_hook(m, inp, out):
+        counts.append(out.numel() * m.in_features)
+
+    def peripheral_hook(m, inp, out):
+        b, h, w, _ = out.shape
+        counts.append(b * h * w * m.conv_channels * m.kernel_size ** 2)
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
+        elif isinstance(m, PartialPeripheralConv):
+            hooks.append(m.register_forward_hook(peripheral_hook))
+    with torch.no_grad():
+        model(torch.empty(1, 3, img_size, img_size, device='meta'))
+    for h in hooks:
+        h.remove()
+    dense = sum(counts)
+    return dense, round(dense * (1 - SPARSITY))  # every counted layer's weight is 2-D or 4-D: all are masked
+
+
+def table(args) -> str:
+    """The comparison table (markdown)."""
+    import timm
+
+    import pretrain.models  # noqa: F401  (registers RepLKNet, SLaK, PeLK)
+
+    rows = ['| model | params dense (M) | params non-zero at 40% (M) | MACs dense (G) | MACs sparse (G) | '
+            'published params (M) | published MACs (G) | ours / published (params, MACs) |',
+            '|---|---|---|---|---|---|---|---|']
+    entries = [(name, name, {}) for name in PUBLISHED]
+    entries.insert(4, ('replknet_31b (deploy)', 'replknet_31b', {'small_kernel_merged': True}))
+    for label, name, extra in entries:
+        p_pub, g_pub, kind, _ = PUBLISHED[name]
+        kwargs = {**({} if name.startswith('convnext') else {'conv_impl': 'native'}), **extra}
+        with torch.device('meta'):
+            model = timm.create_model(name, **kwargs).eval()
+        dense = sum(p.numel() for p in model.parameters())
+        nonzero = dense - round(SPARSITY * sum(p.numel() for p in model.parameters() if p.ndim in (2, 4)))
+        macs, macs_sparse = count_macs(model, args.img_size)
+        sparse_model = kind == 'non-zero'
+        p_ours = (nonzero if sparse_model else dense) / 1e6
+        g_ours = (macs_sparse if sparse_model else macs) / 1e9
+        rows.append(f'| {label} | {dense / 1e6:.1f} | {nonzero / 1e6:.1f} | {macs / 1e9:.2f} | {macs_sparse / 1e9:.2f} '
+                    f'| {p_pub} ({kind}) | {g_pub} | {p_ours / p_pub:.3f}, {g_ours / g_pub:.3f} |')
+        print(rows[-1], file=sys.stderr, flush=True)
+    return '\n'.join(rows)
+
+
+def step_times(args) -> str:
+    """Training-step time and peak memory of each table model with conv_impl native and fft (markdown)."""
+    import timm
+
+    import pretrain.models  # noqa: F401
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(args.device)
+    y = torch.randint(0, 1000, (args.batch,), generator=gen).to(args.device)
+    rows = ['| model | conv_impl | step (s) | peak memory (GiB) |', '|---|---|---|---|']
+    for name in PUBLISHED:
+        for impl in (['-'] if name.startswith('convnext') else ['native', 'fft']):
+            torch.manual_seed(0)
+            model = timm.create_model(name, **({} if impl == '-' else {'conv_impl': impl})).to(args.device).train()
+
+            def step(model=model):
+                model.zero_grad(set_to_none=True)
+                with torch.autocast(args.device, dtype=args.dtype, enabled=args.dtype != torch.float32):
+                    loss = F.cross_entropy(model(x).float(), y)
+                loss.backward()
+
+            if args.device == 'cuda':
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                t = timed(step, args.repeats, args.device, args.clock)
+            except torch.OutOfMemoryError:
+                rows.append(f'| {name} | {impl} | out of memory | - |')
+                continue
+            finally:
+                del model
+            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device == 'cuda' else float('nan')
+            rows.append(f'| {name} | {impl} | {t:.3f} | {mem:.1f} |')
+            print(rows[-1], file=sys.stderr, flush=True)
+            if args.device == 'cuda':
+                torch.cuda.empty_cache()
+    return (f'training step (fwd + cross-entropy + bwd), batch {args.batch}, {args.img_size} px, '
+            f'{str(args.dtype).removeprefix("torch.")} autocast, median of {args.repeats}\n' + '\n'.join(rows))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', choices=sorted(MODEL_ARGS), default='pelk_t', help='stage shapes of this model')
@@ -189,6 +316,8 @@ def main() -> int:
     parser.add_argument('--clock', choices=['wall', 'cpu'], default='wall')
     parser.add_argument('--sweep', action='store_true', help='native vs fft over kernel and map sizes instead')
     parser.add_argument('--model-step', action='store_true', help='whole-model training step, native vs auto')
+    parser.add_argument('--table', action='store_true', help="the PeLK paper's params / MACs comparison instead")
+    parser.add_argument('--step-time', action='store_true', help='with --table: step time and memory per model')
     parser.add_argument('--json', type=Path, help='also write the raw rows here')
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
@@ -197,6 +326,12 @@ def main() -> int:
     print(f'torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, '
           f'clock {args.clock}, {str(args.dtype).removeprefix("torch.")}'
           + (f', GPU {torch.cuda.get_device_name()}' if args.device == 'cuda' else ''))
+    if args.table:
+        print(f'params and multiply-accumulates at {args.img_size} px')
+        print(table(args))
+        if args.step_time:
+            print(step_times(args))
+        return 0
     if args.sweep:
         print(sweep(args))
         return 0
