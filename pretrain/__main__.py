@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pretrain.engine.cli", "train a stage: CONFIG.yaml [key.sub=value ...] (torchrun/Slurm aware)"),
     "plan": ("pretrain.engine.plan", "per-GPU memory of a config: CONFIG --world-size N --gpu-mem GB"),
     "export": ("pretrain.export", "weights of a checkpoint as official / timm / safetensors / backbone files"),
+    "scale": ("pretrain.scale", "InternImage's compound scaling: model kwargs, params, MACs for --phi F or --params N"),
 }
 
 
