@@ -98,8 +98,8 @@ def test_only_committed_checkpoints_are_found(tmp_path):
 
 
 def test_average_files_are_listed_in_rank_order_and_an_incomplete_set_is_named(tmp_path):
-    from pretrain.engine.checkpoint import average_files
     from pretrain.common.ema import merge_saved_states
+    from pretrain.engine.checkpoint import average_files
 
     def state(part: torch.Tensor, partitioned: bool, world: int) -> dict:
         return {'shadow': {'w': part}, 'partitioned': {'w': partitioned}, 'shapes': {'w': [10]}, 'num_updates': 3,

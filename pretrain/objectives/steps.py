@@ -80,11 +80,11 @@ class SupervisedStep:
             self.criterion = torch.nn.CrossEntropyLoss()
 
     def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if (batch['label'] < 0).any():  # checked on the host batch: no device sync
+            keys = [k for k, lab in zip(batch['key'], batch['label'].tolist()) if lab < 0][:3]
+            raise ValueError(f'supervised training needs a .cls label on every sample; none for {keys}')
         images = batch['image'].to(self.device, non_blocking=True).to(self.dtype)
         labels = batch['label'].to(self.device, non_blocking=True)
-        if (labels < 0).any():
-            keys = [k for k, lab in zip(batch['key'], labels.tolist()) if lab < 0][:3]
-            raise ValueError(f'supervised training needs a .cls label on every sample; none for {keys}')
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
