@@ -35,7 +35,7 @@ from pretrain.models.factory import set_grad_checkpointing
 from pretrain.ops.dwconv import IMPLS, dwconv2d
 
 __all__ = ['RepLKNet', 'ReparamLargeKernelConv', 'RepLKBlock', 'ConvFFN', 'LargeDepthwiseConv', 'ConvBN',
-           'fuse_conv_bn', 'MODEL_ARGS']
+           'fuse_conv_bn', 'StagedCNN', 'MODEL_ARGS']
 
 
 class LargeDepthwiseConv(nn.Conv2d):
@@ -199,7 +199,53 @@ class RepLKNetStage(nn.Module):
         return x
 
 
-class RepLKNet(nn.Module):
+class StagedCNN(nn.Module):
+    """The timm interface shared by RepLKNet and SLaK (NCHW stage models): subclasses provide ``_stages_forward(x,
+    max_stage)`` (per-stage outputs), ``forward_head``, ``head``, ``num_features``, ``stages``, ``global_pool`` and
+    ``_init_weights``."""
+
+    block_layout = 'NCHW'  # its blocks take channels-first input (pretrain.objectives.masking.block_layout)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """Non-reentrant activation checkpointing of every ``every``-th block
+        (:func:`pretrain.models.factory.set_grad_checkpointing`)."""
+        set_grad_checkpointing(self, enable, every=every)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New ``head`` (``Linear(num_features, num_classes)``, Identity if 0)."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        p = next(self.parameters())
+        self.head = (nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes > 0
+                     else nn.Identity())
+        self._init_weights(self.head)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> the last stage ``(B, num_features, H/32, W/32)`` (before the head's norm)."""
+        return self._stages_forward(x)[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False):
+        """Per-stage outputs (NCHW), as timm's CNNs: ``indices`` last n / all / a list. Returns the intermediates,
+        or ``(forward_features(x), intermediates)``."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        outs = self._stages_forward(x, max_stage=max_index if (stop_early and intermediates_only) else None)
+        intermediates = [outs[i] for i in take_indices]
+        return intermediates if intermediates_only else (outs[-1], intermediates)
+
+
+class RepLKNet(StagedCNN):
     """RepLKNet classifier / backbone. Input ``(B, in_chans, H, W)`` (H, W multiples of 32); ``forward`` returns
     ``(B, num_classes)``; ``forward_features`` the last stage ``(B, channels[-1], H/32, W/32)`` NCHW.
 
@@ -208,7 +254,6 @@ class RepLKNet(nn.Module):
     ``conv_impl`` ('auto' | 'native' | 'fft') for the large kernels, timm's ``in_chans``, ``drop_rate``,
     ``global_pool`` ('avg' or '' for the pooled / unpooled head input)."""
 
-    block_layout = 'NCHW'  # its blocks take channels-first input (pretrain.objectives.masking.block_layout)
     deploy_kwargs = {'small_kernel_merged': True}  # builds what reparameterize_model leaves (pretrain.export --deploy)
 
     def __init__(
@@ -280,26 +325,6 @@ class RepLKNet(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
-        """Non-reentrant activation checkpointing of every ``every``-th block
-        (:func:`pretrain.models.factory.set_grad_checkpointing`)."""
-        set_grad_checkpointing(self, enable, every=every)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New ``head`` (``Linear(num_features, num_classes)``, Identity if 0)."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        p = self.norm.weight
-        self.head = (nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes > 0
-                     else nn.Identity())
-        self._init_weights(self.head)
-
     def _stages_forward(self, x: torch.Tensor, max_stage: int | None = None) -> list[torch.Tensor]:
         for layer in self.stem:
             x = layer(x)
@@ -313,10 +338,6 @@ class RepLKNet(nn.Module):
                 x = self.transitions[i](x)
         return outs
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> ``(B, channels[-1], H/32, W/32)`` (before the head's BatchNorm)."""
-        return self._stages_forward(x)[-1]
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """BN, average pool, (dropout,) Linear: ``(B, num_classes)``, or ``(B, num_features)`` with ``pre_logits``."""
         x = self.norm(x)
@@ -324,20 +345,6 @@ class RepLKNet(nn.Module):
             x = torch.flatten(self.avgpool(x), 1)
         x = F.dropout(x, self.drop_rate, self.training) if self.drop_rate else x
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False):
-        """Per-stage outputs (NCHW), as timm's CNNs: ``indices`` last n / all / a list. Returns the intermediates,
-        or ``(forward_features(x), intermediates)``."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        outs = self._stages_forward(x, max_stage=max_index if (stop_early and intermediates_only) else None)
-        intermediates = [outs[i] for i in take_indices]
-        return intermediates if intermediates_only else (outs[-1], intermediates)
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

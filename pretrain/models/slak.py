@@ -27,8 +27,7 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from pretrain.models.factory import set_grad_checkpointing
-from pretrain.models.replknet import ConvBN
+from pretrain.models.replknet import ConvBN, StagedCNN
 
 __all__ = ['SLaK', 'SLaKBlock', 'DecomposedLargeKernelConv', 'parameter_counts', 'MODEL_ARGS']
 
@@ -98,7 +97,7 @@ class SLaKStage(nn.Sequential):
         return self
 
 
-class SLaK(nn.Module):
+class SLaK(StagedCNN):
     """SLaK classifier / backbone. Input ``(B, in_chans, H, W)``; ``forward`` returns ``(B, num_classes)``;
     ``forward_features`` the last stage ``(B, dims[-1], H/32, W/32)`` NCHW; ``forward_head`` average pool,
     LayerNorm, Linear.
@@ -106,8 +105,6 @@ class SLaK(nn.Module):
     Official arguments: ``depths``, ``dims`` (before ``width_factor``), ``kernel_size`` (the 4 stage sizes then the
     short edge N, e.g. (51, 49, 47, 13, 5)), ``width_factor`` (1.3), ``Decom`` (stripes; False: dense MxM),
     ``layer_scale_init_value``, ``head_init_scale``. Ours: ``conv_impl``, timm's ``global_pool``, ``drop_rate``."""
-
-    block_layout = 'NCHW'  # its blocks take channels-first input (pretrain.objectives.masking.block_layout)
 
     def __init__(
             self,
@@ -175,25 +172,6 @@ class SLaK(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
-        """Non-reentrant activation checkpointing of every ``every``-th block."""
-        set_grad_checkpointing(self, enable, every=every)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New ``head`` (``Linear(num_features, num_classes)``, Identity if 0)."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        p = self.norm.weight
-        self.head = (nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes > 0
-                     else nn.Identity())
-        self._init_weights(self.head)
-
     def _stages_forward(self, x: torch.Tensor, max_stage: int | None = None) -> list[torch.Tensor]:
         outs = []
         for i, (down, stage) in enumerate(zip(self.downsample_layers, self.stages)):
@@ -203,30 +181,12 @@ class SLaK(nn.Module):
                 break
         return outs
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> ``(B, dims[-1], H/32, W/32)``."""
-        return self._stages_forward(x)[-1]
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Average pool, LayerNorm, (dropout,) Linear: ``(B, num_classes)`` or ``(B, num_features)``."""
         if self.global_pool:
             x = self.norm(x.mean((-2, -1)))
         x = F.dropout(x, self.drop_rate, self.training) if self.drop_rate else x
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False):
-        """Per-stage outputs (NCHW): ``indices`` last n / all / a list. Returns the intermediates, or
-        ``(forward_features(x), intermediates)``."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        outs = self._stages_forward(x, max_stage=max_index if (stop_early and intermediates_only) else None)
-        intermediates = [outs[i] for i in take_indices]
-        return intermediates if intermediates_only else (outs[-1], intermediates)
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
