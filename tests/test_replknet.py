@@ -181,3 +181,14 @@ def test_trains_under_zero3_on_2_ranks_and_deploy_export_loads_in_timm(shards, t
     keys = list(model.state_dict())
     assert any(k.endswith('large_kernel.lkb_reparam.bias') for k in keys)
     assert not any('lkb_origin' in k or 'small_conv' in k for k in keys)
+
+
+def test_demo_config_builds():
+    from pretrain.config import load_config
+    from pretrain.models import backbone_from_config
+    from tests.test_engine import REPO
+
+    cfg = load_config(REPO / 'configs' / 'stage' / 'replknet_demo.yaml')
+    with torch.device('meta'):
+        model = backbone_from_config(cfg.model, num_classes=cfg.model.num_classes)
+    assert [len(s.blocks) for s in model.stages] == [2, 2, 4, 2] and model.num_features == 128

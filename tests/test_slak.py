@@ -129,3 +129,15 @@ def test_trains_sparse_under_zero3_on_2_ranks_and_export_loads_in_timm(shards, t
     state = model.state_dict()
     for k, m in masks.items():
         assert (state[k][~m] == 0).all(), k
+
+
+def test_demo_config_builds_with_the_released_sparsity():
+    from pretrain.config import load_config
+    from pretrain.models import backbone_from_config
+    from tests.test_engine import REPO
+
+    cfg = load_config(REPO / 'configs' / 'stage' / 'slak_demo.yaml')
+    assert (cfg.sparsity.enabled, cfg.sparsity.sparsity, cfg.sparsity.init) == (True, 0.4, 'snip')
+    with torch.device('meta'):
+        model = backbone_from_config(cfg.model, num_classes=cfg.model.num_classes)
+    assert model.num_features == int(128 * 1.3)
