@@ -43,8 +43,8 @@ def arch_kwargs(arch: dict) -> dict:
 
 def _count(kwargs: dict, img_size: int = 224, macs: bool = True) -> tuple[int, int]:
     """(params, MACs at img_size) of internimage_t with ``kwargs`` (1000 classes), built on the meta device. MACs:
-    convolutions and linear layers from their shapes, plus the DCNv3 sampling at 5 per sampled point and channel
-    (4 bilinear taps, the mask), 9 points."""
+    convolutions and linear layers from their shapes, plus the DCNv3 core as the official mmdet ``get_flops.py``
+    counts it: ``5 * H * W * 9 * C`` per block."""
     import timm
 
     import pretrain.models  # noqa: F401  (registers InternImage)
