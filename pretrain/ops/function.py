@@ -14,19 +14,95 @@ _REDUCED = (torch.float16, torch.bfloat16)
 _warned_fallback: set[str] = set()
 
 
-class _DCNv3Function(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ext, input, offset, mask, geometry):
-        ctx.ext, ctx.geometry = ext, geometry
-        ctx.save_for_backward(input, offset, mask)
-        return ext.forward(input, offset, mask, *geometry)
+# DCNv3 as two PyTorch custom operators (torch.library), so torch.compile keeps them in its graphs (forward and
+# the compiled backward) and export paths see one named node: ``pretrain::dcnv3_forward`` and
+# ``pretrain::dcnv3_backward``. Geometry is passed as scalars; offset/mask come already in their kernel dtype
+# (dcnv3_core applies the dtype rules). The CPU kernel is the fused extension, or the reference when it cannot be
+# built; the CUDA kernel is the CUDA extension.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        input, offset, mask = ctx.saved_tensors
-        grad_input, grad_offset, grad_mask = ctx.ext.backward(input, offset, mask, *ctx.geometry, grad_output)
-        return None, grad_input, grad_offset, grad_mask, None
+
+def _ext_or_none(device: torch.device):
+    return build.load_cuda() if device.type == "cuda" else build.load_cpu()
+
+
+def _reference_forward(input, offset, mask, *geometry):
+    with torch.no_grad():
+        return dcnv3_core_pytorch(input, offset.to(input.dtype), mask.to(input.dtype), *geometry)
+
+
+def _reference_backward(input, offset, mask, *geometry_and_grad):
+    *geometry, grad_output = geometry_and_grad
+    # torch.func, not torch.autograd: inside an operator's kernel autograd does not record (below its dispatch key)
+    out, vjp = torch.func.vjp(lambda i, o, m: dcnv3_core_pytorch(i, o.to(i.dtype), m.to(i.dtype), *geometry),
+                              input, offset, mask)
+    return tuple(g.to(t.dtype) for g, t in zip(vjp(grad_output.to(out.dtype)), (input, offset, mask)))
+
+
+@torch.library.custom_op("pretrain::dcnv3_forward", mutates_args=(), device_types="cpu")
+def dcnv3_forward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
+                  stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
+                  group_channels: int, offset_scale: float, remove_center: bool) -> torch.Tensor:
+    """The operator behind :func:`dcnv3_core` (arguments as there, checked by the caller): NHWC output, contiguous,
+    in ``input``'s dtype."""
+    geometry = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+                offset_scale, remove_center)
+    ext = _ext_or_none(input.device)
+    if ext is None:
+        return _reference_forward(input, offset, mask, *geometry).contiguous()
+    return ext.forward(input, offset, mask, *geometry)
+
+
+@torch.library.custom_op("pretrain::dcnv3_backward", mutates_args=(), device_types="cpu")
+def dcnv3_backward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
+                   stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
+                   group_channels: int, offset_scale: float, remove_center: bool,
+                   grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(grad_input, grad_offset, grad_mask)`` of :func:`dcnv3_forward`, contiguous, each in its
+    tensor's dtype."""
+    geometry = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+                offset_scale, remove_center)
+    ext = _ext_or_none(input.device)
+    if ext is None:
+        return tuple(g.contiguous() for g in _reference_backward(input, offset, mask, *geometry, grad_output))
+    return tuple(ext.backward(input, offset, mask, *geometry, grad_output))
+
+
+@dcnv3_forward.register_kernel("cuda")
+def _dcnv3_forward_cuda(input, offset, mask, *geometry):
+    return build.load_cuda().forward(input, offset, mask, *geometry)
+
+
+@dcnv3_backward.register_kernel("cuda")
+def _dcnv3_backward_cuda(input, offset, mask, *geometry_and_grad):
+    return tuple(build.load_cuda().backward(input, offset, mask, *geometry_and_grad))
+
+
+@dcnv3_forward.register_fake
+def _dcnv3_forward_fake(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                        dilation_w, group, group_channels, offset_scale, remove_center):
+    n, h, w, c = input.shape
+    return input.new_empty((n, output_size(h, kernel_h, stride_h, pad_h, dilation_h),
+                            output_size(w, kernel_w, stride_w, pad_w, dilation_w), c))
+
+
+@dcnv3_backward.register_fake
+def _dcnv3_backward_fake(input, offset, mask, *geometry_and_grad):
+    return (input.new_empty(input.shape), offset.new_empty(offset.shape), mask.new_empty(mask.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    input, offset, mask, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(input, offset, mask)
+
+
+def _backward(ctx, grad_output):
+    input, offset, mask = ctx.saved_tensors
+    grads = dcnv3_backward(input, offset, mask, *ctx.geometry, grad_output.contiguous())
+    return (*grads, *([None] * len(ctx.geometry)))
+
+
+dcnv3_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _fallback_warning(kind: str, reason: str) -> None:
@@ -107,7 +183,5 @@ def dcnv3_core(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, ke
     wide = input.dtype in _REDUCED and torch.float32 in (offset.dtype, mask.dtype)
     side_dtype = torch.float32 if wide else input.dtype
     offset, mask = offset.to(side_dtype), mask.to(side_dtype)
-    ext = build.load_cuda() if chosen == "cuda" else build.load_cpu()
-    geometry = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
-                float(offset_scale), remove_center)
-    return _DCNv3Function.apply(ext, input, offset, mask, geometry)
+    return dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                         dilation_w, group, group_channels, float(offset_scale), remove_center)
