@@ -217,8 +217,10 @@ def test_sbatch_script_runs_under_sbatch(uninterrupted):
     for rank in (0, 1):
         assert (stage / 'logs' / f'{job}_{rank}.out').is_file() and (stage / 'logs' / f'{job}_{rank}.err').is_file()
     assert events(stage)[0]['world_size'] == 2
-    batch_out = (stage / 'logs' / f'{job}_batch.out').read_text()
-    assert f':{10000 + int(job) % 20000}' in batch_out, batch_out  # the port derived from the job id
+    # Each rank derives the rendezvous from the srun step's variables: the first step node, the port of the job id.
+    for rank in (0, 1):
+        rank_out = (stage / 'logs' / f'{job}_{rank}.out').read_text()
+        assert f':{10000 + int(job) % 20000} (slurm)' in rank_out, rank_out[-2000:]
     assert events(stage)[0]['code'] == str(run / 'code')
 
 
