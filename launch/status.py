@@ -205,14 +205,17 @@ def learning_curves_figure(stages: list[tuple[str, Path]], *, title: str,
             ax_acc.annotate(f'{ys[-1]:.1f}', (xs[-1], ys[-1]), textcoords='offset points', xytext=(3, 3), fontsize=8)
         last_step = max([r['step'] for r in records if isinstance(r.get('step'), int)], default=0)
         offset += last_step
-    for label, value in (references or {}).items():
+    for i, (label, value) in enumerate(sorted((references or {}).items(), key=lambda item: item[1])):
         ax_acc.axhline(value, color='grey', ls=':', lw=1)
-        ax_acc.annotate(label, (0, value), textcoords='offset points', xytext=(2, 2), fontsize=8, color='grey')
+        # Alternately below and above the line: published figures are often a few points apart.
+        ax_acc.annotate(label, (0.99, value), xycoords=('axes fraction', 'data'), textcoords='offset points',
+                        xytext=(0, -9 if i % 2 == 0 else 2), ha='right', fontsize=8, color='grey')
     for ax, ylabel in ((ax_loss, 'training loss (log)'), (ax_lr, 'learning rate'), (ax_acc, 'eval top-1 (%)')):
-        for start, stage in boundaries:
+        for i, (start, stage) in enumerate(boundaries):
             ax.axvline(start, color='black', lw=0.8, alpha=0.5)
-            ax.annotate(stage, (start, 1), xycoords=('data', 'axes fraction'), xytext=(2, -10),
-                        textcoords='offset points', fontsize=8, rotation=0)
+            # Stepped down one line per stage: a short stage's label would overlap the next one's.
+            ax.annotate(stage, (start, 1), xycoords=('data', 'axes fraction'), xytext=(2, -10 - 10 * i),
+                        textcoords='offset points', fontsize=8)
         ax.set_xlabel('optimizer step (stages one after another)')
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     published = published_accuracies(args.data / "fashion-mnist" / "README.md")
     shown = {name: value for name, value in published.items() if name.startswith(PUBLISHED_SHOWN)}
-    png = plot_run(run.root, references={f"published {name}": value for name, value in shown.items()})
+    png = plot_run(run.root, references={f"published {name.split(',')[0].split(' (')[0]}": value  # short labels
+                                         for name, value in shown.items()})
     _say("5/5 plot", f"learning curves: {png}")
     compare = ", ".join(f"{name} {value:.1f}%" for name, value in shown.items())
     print(f"[demo] done in {time.time() - t0:.0f} s. Fashion-MNIST (10 classes, chance 10%); the data set's published "
