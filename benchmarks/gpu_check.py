@@ -1,0 +1,311 @@
+"""``make gpu-check``: the GPU acceptance run in one command (issue 14; docs/GPU.md says how to run it).
+
+    python benchmarks/gpu_check.py [--out DIR] [--total-s 450]
+
+On a CUDA machine, in this order, each part under its own time budget (a part that does not fit is reported
+"not run", a part that runs out of time "timeout"; the report is written whatever happens):
+
+1. ``setup``: when ``import deepspeed`` fails and ``.whl/`` holds wheels, installs them with pip (no index, no deps)
+   into ``/tmp/site`` and puts that on ``PYTHONPATH`` for every later part; links ``.whl/data/real`` to
+   ``../shared/data/real`` when the latter is missing (tests/conftest.py reads the real data there); starts building
+   the DCNv4 anchor (``.whl/anchors/DCNv4-*.tar.gz`` or ``../shared/anchors/``) in the background.
+2. ``build``: the DCNv3 CUDA extension for this GPU's architecture only (``DCNV3_CUDA_ARCH_LIST`` from the device
+   capability, ``MAX_JOBS``), via ``python -m pretrain.ops build --cuda``; later parts load it from the cache.
+3. ``tests``: ``pytest -m gpu -rA`` over the DCNv3 CUDA tests, the InternImage kernel-vs-reference model test and
+   tests/test_engine_gpu.py (the ZeRO-3 bf16 resume regression first); log and JUnit XML kept.
+4. ``throughput``: benchmarks/gpu_train.py, InternImage-T vs ConvNeXt-T, batch 64, 224 px, bf16, AdamW.
+5. ``kernel``: benchmarks/dcnv3.py's GPU backends on InternImage-T stage 1 and InternImage-H stage 3.
+6. ``dcnv4``: whether the background DCNv4 build finished and imports (reported, not benchmarked).
+
+Without CUDA it rehearses: compiles the CUDA sources with nvcc for sm_90 (``GPU_CHECK_SKIP_NVCC=1`` skips this
+slow step), collects every test it would run (``pytest --collect-only -m gpu``), builds the benchmark models on the
+meta device, checks the benchmark scripts import, and says that it needs a GPU (exit 0 when the rehearsal passed).
+
+Output: ``gpu-report.json``, ``gpu-report.md``, ``pytest.log``, ``pytest-junit.xml`` and ``logs.txt`` (every other
+part's output) in ``$OUT`` when set (the device tool brings back at most 8 files), else ``runs/gpu-check/<UTC time>``.
+Exit status: 0 when every part that ran passed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CARRY = REPO / '.whl'
+SITE = Path('/tmp/site')
+DCNV4_SITE = Path('/tmp/dcnv4')
+SCRATCH = Path('/tmp/gpu-check')  # intermediate files, merged into the report ($OUT brings back 8 files at most)
+ANCHOR = 'DCNv4-1.0.0.post2.tar.gz'
+# Seconds each part needs at least; a part gets whatever the total leaves after the later parts' minimums.
+MIN_BUDGET_S = {'setup': 60, 'build': 150, 'tests': 170, 'throughput': 60, 'kernel': 45}
+GPU_TESTS = [  # the ZeRO-3 misaligned-address regression first: it is the headline claim
+    'tests/test_engine_gpu.py::test_supervised_bf16_trains_and_resumes_on_one_gpu[3]',
+    'tests/test_dcnv3_cuda.py',
+    'tests/test_models_internimage.py::test_cuda_kernel_model_matches_reference_model',
+    'tests/test_engine_gpu.py::test_supervised_bf16_trains_and_resumes_on_one_gpu[2]',
+    'tests/test_engine_gpu.py::test_fp16_zero2_trains_on_one_gpu',
+    'tests/test_engine_gpu.py::test_fp16_loss_scale_skips_do_not_stop_the_run',
+    'tests/test_engine_gpu.py::test_m3i_zero3_bf16_trains_on_one_gpu',
+    'tests/test_engine_gpu.py::test_zero3_on_two_gpus_matches_one_gpu',  # skipped on one GPU
+]
+
+
+class Check:
+    """The report being built: one entry per part, the log, the time left."""
+
+    def __init__(self, out: Path, total_s: float):
+        self.out, self.deadline, self.start = out, time.monotonic() + total_s, time.monotonic()
+        self.parts: dict[str, dict] = {}
+        self.log = (out / 'logs.txt').open('a')
+        self.env = dict(os.environ, PYTHONUNBUFFERED='1')
+
+    def budget(self, part: str) -> float:
+        """Seconds ``part`` may use: the time left minus the minimum budgets of the parts after it."""
+        later = list(MIN_BUDGET_S)[list(MIN_BUDGET_S).index(part) + 1:] if part in MIN_BUDGET_S else []
+        return self.deadline - time.monotonic() - sum(MIN_BUDGET_S[p] for p in later)
+
+    def run(self, part: str, cmd: list[str], budget_s: float, log: Path | None = None, **extra) -> dict:
+        """Runs ``cmd`` in its own process group (killed whole on timeout); records status, seconds and output tail."""
+        if budget_s < 5:
+            self.parts[part] = {'status': 'not run', 'reason': f'{budget_s:.0f} s left of the total budget', **extra}
+            return self.parts[part]
+        sink = log.open('w') if log else self.log
+        sink.write(f'\n===== {part}: {" ".join(cmd)} (budget {budget_s:.0f} s)\n')
+        sink.flush()
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=budget_s)
+            status = 'passed' if rc == 0 else 'failed'
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # pytest's torchrun ranks too
+            proc.wait()
+            rc, status = None, 'timeout'
+        seconds = time.monotonic() - t0
+        if log:
+            sink.close()
+        text = (log or self.out / 'logs.txt').read_text(errors='replace')
+        self.parts[part] = {'status': status, 'rc': rc, 'seconds': round(seconds, 1), 'budget_s': round(budget_s),
+                            'tail': text[-3000:], **extra}
+        print(f'[gpu-check] {part}: {status} in {seconds:.0f} s (budget {budget_s:.0f} s)', flush=True)
+        return self.parts[part]
+
+    def py(self, *args: str) -> list[str]:
+        return [sys.executable, *args]
+
+
+def capture(cmd: list[str], env: dict | None = None, timeout: float = 60) -> str:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+        return (res.stdout + res.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f'{type(exc).__name__}: {exc}'
+
+
+def setup(check: Check, cuda: bool) -> subprocess.Popen | None:
+    """Wheels, real data, and the DCNv4 build started in the background (returned, or None)."""
+    info: dict = {}
+    wheels = sorted(glob.glob(str(CARRY / '*.whl')))
+    names = [Path(w).name.split('-')[0].lower() for w in wheels]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        info['wheel_duplicates'] = dupes  # pip stops on two versions of one package
+    has_ds = subprocess.run(check.py('-c', 'import deepspeed, webdataset, open_clip, submitit, torchdata'),
+                            capture_output=True, env=check.env).returncode == 0
+    info['wheels'] = [Path(w).name for w in wheels]
+    status = 'passed'
+    if has_ds:
+        info['wheel_install'] = 'not needed: deepspeed, webdataset, open_clip, submitit and torchdata import'
+    elif not wheels:
+        info['wheel_install'] = 'needed, but .whl/ holds no wheels (run `make gpu-wheels` and carry .whl)'
+        status = 'failed'
+    else:
+        res = subprocess.run(check.py('-m', 'pip', 'install', '-q', '--no-index', '--no-deps', '--no-compile',
+                                      '--no-cache-dir', '--upgrade', '--target', str(SITE), *wheels),
+                             capture_output=True, text=True)
+        info['wheel_install'] = f'pip rc {res.returncode}: {(res.stdout + res.stderr)[-1500:]}'
+        check.env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(SITE), check.env.get('PYTHONPATH')]))
+        status = 'passed' if res.returncode == 0 else 'failed'
+    info['imports'] = capture(check.py('-c', 'import deepspeed, webdataset, open_clip, submitit, torchdata, '
+                                             'simplejpeg; print("deepspeed", deepspeed.__version__)'), check.env)
+    real = REPO.parent / 'shared' / 'data' / 'real'
+    if not real.is_dir() and (CARRY / 'data' / 'real').is_dir():
+        try:
+            real.parent.mkdir(parents=True, exist_ok=True)
+            real.symlink_to(CARRY / 'data' / 'real')
+            info['real_data'] = f'linked {real} -> {CARRY / "data" / "real"}'
+        except OSError as exc:
+            info['real_data'] = f'cannot link {real}: {exc}'
+    else:
+        info['real_data'] = f'{real}: {"present" if real.is_dir() else "MISSING (the engine tests will fail)"}'
+    dcnv4 = None
+    anchors = [p for p in (CARRY / 'anchors' / ANCHOR, REPO.parent / 'shared' / 'anchors' / ANCHOR) if p.is_file()]
+    if not anchors:
+        info['dcnv4'] = f'{ANCHOR} not carried (.whl/anchors/)'
+    elif cuda:
+        log = (SCRATCH / 'dcnv4-build.log').open('w')
+        dcnv4 = subprocess.Popen(check.py('-m', 'pip', 'install', '--no-index', '--no-deps', '--no-build-isolation',
+                                          '--target', str(DCNV4_SITE), str(anchors[0])),
+                                 cwd=REPO, env=dict(check.env, MAX_JOBS='8'), stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        info['dcnv4'] = f'building {anchors[0]} in the background'
+    else:
+        info['dcnv4'] = f'{anchors[0]} present; built only on a CUDA machine'
+    check.parts['setup'] = {'status': status, **info}
+    print(f'[gpu-check] setup: {status}; {info["imports"].splitlines()[-1] if info["imports"] else ""}', flush=True)
+    return dcnv4
+
+
+def gpu_facts(check: Check) -> dict:
+    code = ('import json, torch; p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None; '
+            'print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, '
+            '"gpu": p.name if p else None, "capability": f"{p.major}.{p.minor}" if p else None, '
+            '"memory_gib": round(p.total_memory / 2**30, 1) if p else None}))')
+    facts = json.loads(capture(check.py('-c', code), check.env).splitlines()[-1])
+    facts.update(python=platform.python_version(), host=platform.node(),
+                 nvidia_smi=capture(['nvidia-smi', '--query-gpu=name,driver_version,memory.total',
+                                     '--format=csv,noheader']),
+                 nvcc=capture(['nvcc', '--version']).splitlines()[-1:])
+    return facts
+
+
+def run_gpu(check: Check, facts: dict, dcnv4: subprocess.Popen | None) -> None:
+    arch = facts['capability']
+    check.run('build', check.py('-m', 'pretrain.ops', 'build', '--cuda'), check.budget('build'), arch=arch)
+    check.run('tests', check.py('-m', 'pytest', '-m', 'gpu', '-rA', '-p', 'no:cacheprovider',
+                                f'--junitxml={check.out / "pytest-junit.xml"}', *GPU_TESTS),
+              check.budget('tests'), log=check.out / 'pytest.log')
+    train_json = SCRATCH / 'gpu_train.json'
+    train_json.unlink(missing_ok=True)  # never report a killed earlier run's rows
+    part = check.run('throughput', check.py('benchmarks/gpu_train.py', '--models', 'internimage_t,convnext_tiny',
+                                            '--batches', '64', '--json', str(train_json)), check.budget('throughput'))
+    if train_json.is_file():
+        part['rows'] = json.loads(train_json.read_text())
+        train_json.unlink()  # the rows live in the report
+    kernel_json = SCRATCH / 'dcnv3.json'
+    kernel_json.unlink(missing_ok=True)
+    part = check.run('kernel', check.py('benchmarks/dcnv3.py', '--shapes', 'T1,H3', '--backends',
+                                        'cuda-pytorch,cuda,cuda-pytorch-bf16,cuda-bf16', '--json', str(kernel_json)),
+                     check.budget('kernel'))
+    if kernel_json.is_file():
+        part['rows'] = json.loads(kernel_json.read_text())
+        kernel_json.unlink()
+    if dcnv4 is None:
+        check.parts['dcnv4'] = {'status': 'not run', 'reason': check.parts['setup'].get('dcnv4')}
+    elif dcnv4.poll() is None:
+        os.killpg(dcnv4.pid, signal.SIGKILL)
+        check.parts['dcnv4'] = {'status': 'timeout', 'reason': 'the background build did not finish in time'}
+    else:
+        ok = dcnv4.returncode == 0
+        env = dict(check.env, PYTHONPATH=os.pathsep.join([str(DCNV4_SITE), check.env.get('PYTHONPATH', '')]))
+        check.parts['dcnv4'] = {'status': 'passed' if ok else 'failed', 'rc': dcnv4.returncode,
+                                'import': capture(check.py('-c', 'import DCNv4; print(DCNv4.__file__)'), env)
+                                if ok else None,
+                                'note': 'built and imported only; the DCNv3-vs-DCNv4 timing is not part of this run'}
+    log = SCRATCH / 'dcnv4-build.log'
+    if log.is_file():
+        check.log.write('\n===== dcnv4 build\n' + log.read_text(errors='replace')[-20000:])
+        log.unlink()
+
+
+def rehearse(check: Check) -> None:
+    """The CPU rehearsal: nvcc for sm_90, test collection, benchmark imports and models on the meta device."""
+    if os.environ.get('GPU_CHECK_SKIP_NVCC') == '1':
+        check.parts['build'] = {'status': 'not run', 'reason': 'GPU_CHECK_SKIP_NVCC=1'}
+    else:
+        check.env.update(DCNV3_CUDA_ARCH_LIST='9.0')
+        check.run('build', check.py('-m', 'pretrain.ops', 'build', '--cuda'), check.budget('build'),
+                  arch='9.0 (nvcc only, no device)')
+    check.run('tests', check.py('-m', 'pytest', '--collect-only', '-q', '-m', 'gpu', '-p', 'no:cacheprovider',
+                                *GPU_TESTS), check.budget('tests'), log=check.out / 'pytest.log', mode='collect-only')
+    check.run('throughput', check.py('benchmarks/gpu_train.py', '--dry-run'), check.budget('throughput'),
+              mode='models built on the meta device')
+    check.run('kernel', check.py('-c', 'import sys; sys.argv = ["dcnv3"]; sys.path.insert(0, "benchmarks"); '
+                                      'import dcnv3; assert {"T1", "H3"} <= set(dcnv3.SHAPES)'),
+              check.budget('kernel'), mode='import only')
+    check.parts['dcnv4'] = {'status': 'not run', 'reason': check.parts['setup'].get('dcnv4')}
+
+
+def write_report(check: Check, facts: dict, cuda: bool) -> None:
+    report = {'utc': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+              'mode': 'gpu' if cuda else 'rehearsal (no CUDA device: this run needs a GPU)',
+              'seconds': round(time.monotonic() - check.start, 1), 'machine': facts, 'parts': check.parts}
+    (check.out / 'gpu-report.json').write_text(json.dumps(report, indent=1, default=str))
+    md = [f'# GPU check, {report["utc"]}', '', f'Mode: {report["mode"]}; {report["seconds"]} s in all.', '',
+          f'Machine: {facts.get("gpu")} (capability {facts.get("capability")}), torch {facts.get("torch")}, '
+          f'CUDA {facts.get("cuda")}, Python {facts.get("python")}; nvidia-smi: {facts.get("nvidia_smi")}', '',
+          '| part | status | seconds | budget s | note |', '|---|---|---|---|---|']
+    for name, p in check.parts.items():
+        note = p.get('reason') or p.get('mode') or p.get('arch') or p.get('wheel_install', '')
+        md.append(f'| {name} | {p["status"]} | {p.get("seconds", "")} | {p.get("budget_s", "")} | '
+                  f'{str(note).splitlines()[0][:120] if note else ""} |')
+    rows = check.parts.get('throughput', {}).get('rows')
+    if rows:
+        md += ['', '## Training throughput (bf16 autocast, fwd+bwd+AdamW, 224 px)', '',
+               '| model | batch | images/s | step ms | counted GFLOP/step | MFU (counted) | peak GiB |',
+               '|---|---|---|---|---|---|---|']
+        for r in rows:
+            if 'error' in r:
+                md.append(f'| {r["model"]} | {r["batch"]} | {r["error"]} | | | | |')
+            else:
+                md.append(f'| {r["model"]} | {r["batch"]} | {r["images_per_s"]:.0f} | {r["median_step_ms"]:.1f} | '
+                          f'{r["step_gflop_counted"]:.0f} | {r.get("mfu_counted", float("nan")):.1%} | '
+                          f'{r["peak_mem_gib"]:.1f} |')
+    rows = check.parts.get('kernel', {}).get('rows')
+    if rows:
+        sys.path.insert(0, str(REPO / 'benchmarks'))
+        import dcnv3
+        md += ['', '## DCNv3 kernel (benchmarks/dcnv3.py)', '', dcnv3.table(rows)]
+    tests = check.parts.get('tests', {})
+    if tests.get('tail'):
+        summary = [ln for ln in tests['tail'].splitlines() if ln.startswith(('PASSED', 'FAILED', 'ERROR', 'SKIPPED'))
+                   or ' passed' in ln or ' failed' in ln]
+        md += ['', '## pytest', '', '```', *summary[-40:], '```']
+    (check.out / 'gpu-report.md').write_text('\n'.join(md) + '\n')
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', type=Path, default=None, help='default: $OUT, else runs/gpu-check/<UTC time>')
+    parser.add_argument('--total-s', type=float, default=float(os.environ.get('GPU_CHECK_TOTAL_S', 450)),
+                        help='wall-clock budget of the whole check (default 450 s = 7.5 min)')
+    args = parser.parse_args(argv)
+    stamp = datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')
+    out = args.out or Path(os.environ.get('OUT') or REPO / 'runs' / 'gpu-check' / stamp)
+    out.mkdir(parents=True, exist_ok=True)
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    check = Check(out, args.total_s)
+    cuda = capture(check.py('-c', 'import torch; print(torch.cuda.is_available())')).endswith('True')
+    facts: dict = {}
+    try:
+        facts = gpu_facts(check)
+        if cuda:  # this GPU's architecture only, for every build from here on (DCNv3, DCNv4, DeepSpeed's JIT ops)
+            arch = facts['capability']
+            check.env.update(DCNV3_CUDA_ARCH_LIST=arch, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(os.cpu_count() or 8),
+                             DS_ACCELERATOR='cuda')
+        dcnv4 = setup(check, cuda)
+        run_gpu(check, facts, dcnv4) if cuda else rehearse(check)
+    finally:
+        for part in MIN_BUDGET_S:
+            check.parts.setdefault(part, {'status': 'not run', 'reason': 'an earlier part raised'})
+        write_report(check, facts, cuda)
+        check.log.close()
+    failed = [n for n, p in check.parts.items() if p['status'] in ('failed', 'timeout')]
+    print(f'[gpu-check] report: {out}/gpu-report.md; '
+          f'{"failed: " + ", ".join(failed) if failed else "every part that ran passed"}'
+          f'{"" if cuda else "; NO CUDA DEVICE: this was the rehearsal, the real check needs a GPU"}', flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
