@@ -64,7 +64,7 @@ WEIGHTS = ('raw', 'ema', 'teacher')
 # Constructor arguments that do not describe the architecture (training-time or operator choices); not exported.
 _NOT_ARCHITECTURE = frozenset({'with_cp', 'core_op', 'drop_rate', 'drop_path_rate', 'drop_path_type', 'pretrained',
                                'checkpoint_path', 'head_index', 'checkpoint_use_ema', 'features_only', 'out_indices',
-                               'feature_cls', 'grad_checkpointing', 'grad_checkpointing_every'})
+                               'feature_cls', 'grad_checkpointing', 'grad_checkpointing_every', 'global_pool'})
 
 
 class ExportError(RuntimeError):
@@ -493,6 +493,7 @@ _HOW_TO_LOAD = {
     'official': "torch.load('{path}')['model'] (official code); here: create_backbone('{model}', num_classes="
                 "{num_classes}, **model_kwargs, checkpoint_path='{path}')",
     'timm': "timm.create_model('local-dir:{path}', pretrained=True)",
+    'onnx': "onnxruntime.InferenceSession('{path}').run(['logits'], {{'images': images}})",
     'safetensors': "safetensors.torch.load_file('{path}'); metadata: safetensors.safe_open('{path}', 'pt').metadata()",
     'backbone': "mmdet/mmseg: backbone=dict(type='InternImage', core_op='DCNv3', {backbone_args}, "
                 "out_indices=(0, 1, 2, 3), init_cfg=dict(type='Pretrained', checkpoint='{path}'))",
@@ -509,11 +510,37 @@ def _backbone_args(meta: ExportMeta) -> str:
     return ', '.join(f'{k}={list(v) if isinstance(v, tuple) else v!r}' for k, v in args.items() if k not in skip)
 
 
+def export_onnx_file(checkpoint: str | os.PathLike, out: str | os.PathLike, weights: str = 'raw', *,
+                     model: str | None = None, model_kwargs: dict | None = None, trust_pickle: bool = False,
+                     img_size: int = 224, custom_op: bool = False) -> Exported:
+    """Consolidate ``checkpoint`` and write the classifier to ``out`` as ONNX (:mod:`pretrain.export_onnx`: portable
+    or with DCNv3 as a custom node), then check it; ``details['onnx']`` says what the check ran."""
+    from pretrain.export_onnx import check_onnx, export_onnx
+    from pretrain.models import create_backbone
+
+    sd, meta = consolidate(checkpoint, weights, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle)
+    net = create_backbone(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
+    net.load_state_dict(sd, strict=True)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f'.{out.name}.tmp')
+    try:
+        export_onnx(net, tmp, img_size, custom_op=custom_op)
+        check = check_onnx(net, tmp, img_size, custom_op=custom_op)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    kind = 'DCNv3 as custom nodes' if custom_op else 'portable, standard ops'
+    return Exported(meta, {'onnx': out}, {'onnx': f'{kind}, input images (B, 3, {img_size}, {img_size}), dynamic '
+                                                  f'batch; check: {check}'})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='python -m pretrain export', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('checkpoint', help='a step folder, a run output folder (newest complete checkpoint) or a file')
-    p.add_argument('--format', required=True, choices=[*FORMATS, 'all'])
+    p.add_argument('--format', required=True, choices=[*FORMATS, 'all', 'onnx'],
+                   help="'onnx': the classifier as an ONNX graph, checked in onnxruntime (not part of 'all')")
     p.add_argument('--out', required=True, help="the file (timm: folder) to write; with --format all, a folder")
     which = p.add_mutually_exclusive_group()
     which.add_argument('--ema', action='store_true', help='the EMA weights instead of the raw ones')
@@ -525,12 +552,20 @@ def main(argv: list[str] | None = None) -> int:
                         'a crafted file runs code when loaded this way)')
     p.add_argument('--deploy', action='store_true',
                    help='write the structurally re-parameterised inference form (RepLKNet: merged large kernels)')
+    p.add_argument('--img-size', type=int, default=224, help='onnx: the input side in pixels')
+    p.add_argument('--onnx-custom-op', action='store_true',
+                   help='onnx: keep each DCNv3 as one custom-domain node (docs/EXPORT.md) instead of standard ops')
     args = p.parse_args(argv)
     weights = 'ema' if args.ema else 'teacher' if args.teacher else 'raw'
     t0 = time.time()
     try:
-        result = export(args.checkpoint, args.format, args.out, weights, model=args.model,
-                        model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle, deploy=args.deploy)
+        if args.format == 'onnx':
+            result = export_onnx_file(args.checkpoint, args.out, weights, model=args.model,
+                                      model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle,
+                                      img_size=args.img_size, custom_op=args.onnx_custom_op)
+        else:
+            result = export(args.checkpoint, args.format, args.out, weights, model=args.model,
+                            model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle, deploy=args.deploy)
     except ExportError as e:
         print(f'export error: {e}', file=sys.stderr)
         return 2

@@ -66,8 +66,9 @@ ALIGN_BYTES = 16
 
 
 def aligned(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` itself, or a copy (autograd flows back through it) when its data is not ``ALIGN_BYTES``-aligned."""
-    if t is None or t.data_ptr() % ALIGN_BYTES == 0:
+    """``t`` itself, or a copy (autograd flows back through it) when its data is not ``ALIGN_BYTES``-aligned.
+    Under torch.compile / torch.export (fake tensors, no address) ``t`` itself."""
+    if t is None or torch.compiler.is_compiling() or t.data_ptr() % ALIGN_BYTES == 0:
         return t
     return t.clone()
 
