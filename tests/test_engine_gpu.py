@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain.engine.checkpoint import average_files
-from tests.test_engine import assert_parity, run_parity, run_procs, shards, stage_config  # noqa: F401 - shards
+from tests.test_engine import REPO, assert_parity, run_parity, run_procs, shards, stage_config  # noqa: F401 - shards
 from tests.test_objectives import m3i_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
-GPU_ENV = {'DS_ACCELERATOR': 'cuda'}
+# tests/test_engine.py's _env() sets PYTHONPATH to the repo alone; keep what the caller had (packages installed with
+# pip --target, as `make gpu-check` does on a machine that lacks DeepSpeed).
+GPU_ENV = {'DS_ACCELERATOR': 'cuda',
+           'PYTHONPATH': os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')]))}
 
 
 @pytest.fixture(scope='module', autouse=True)
