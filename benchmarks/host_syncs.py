@@ -132,7 +132,7 @@ def run(tree: Path, objective: str, steps: int, accum: int, out_dir: Path, threa
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'PYTHONPATH': str(tree), 'PYTHONUNBUFFERED': '1'}
     if not torch.cuda.is_available():
         env['DS_ACCELERATOR'] = 'cpu'  # gloo ranks on the CPU; with GPUs each rank takes one (nccl)
-    from pretrain.engine.dist import free_port
+    from pretrain.common.dist import free_port
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
            '--master_port', str(free_port()), str(Path(__file__).resolve()), '--worker', str(tree), objective,
            str(steps), str(accum), str(out_dir), str(int(count))]

@@ -88,7 +88,7 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import pretrain.engine.dist as edist
+    import pretrain.common.dist as edist
     edist.init_distributed()
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     print(f'{args.model} at {args.img_size} px, batch {args.batch}, {args.precision}, ZeRO-1, {device}, '

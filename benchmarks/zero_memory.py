@@ -128,7 +128,7 @@ def main() -> int:
 
     out_dir = args.out_dir or tempfile.mkdtemp(prefix='zero_memory_')
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
-    from pretrain.engine.dist import free_port
+    from pretrain.common.dist import free_port
 
     rows = []
     for token in args.stages.split(','):

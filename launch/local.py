@@ -13,7 +13,7 @@ import subprocess
 import time
 
 from launch.run import Run
-from pretrain.engine.dist import free_port
+from pretrain.common.dist import free_port
 from pretrain.engine.preemption import REQUEUE_EXIT_CODE
 
 __all__ = ['run_local']

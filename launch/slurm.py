@@ -59,7 +59,7 @@ def sbatch_script(run: Run, name: str, dependency: str | None = None) -> str:
         'set -euo pipefail',
         f'cd {shlex.quote(str(run.workdir))}',
         f'export PYTHONPATH={shlex.quote(str(run.code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}',
-        '# Rendezvous: each rank derives it from the step\'s Slurm variables (pretrain.engine.dist.rendezvous).',
+        '# Rendezvous: each rank derives it from the step\'s Slurm variables (pretrain.common.dist.rendezvous).',
         'export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}',
         *[f'export {k}={shlex.quote(v)}' for k, v in run.job_env().items()],
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',

@@ -13,7 +13,7 @@ What ``python -m pretrain train CONFIG [overrides]`` does, plus what a launched 
   has forgotten the job).
 
 Training itself is :func:`pretrain.engine.run.run_training`, the same as ``python -m pretrain train``: the rendezvous
-(``pretrain.engine.dist.detect_env``: torchrun's variables, else Slurm's), the watchdog, the exit statuses (0 done,
+(``pretrain.common.dist.detect_env``: torchrun's variables, else Slurm's), the watchdog, the exit statuses (0 done,
 75 saved and requeued, or stalled and requeued, to be restarted by the local runner too, 2 config error, 3 non-finite
 loss, 1 anything else).
 """
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir:
         os.chdir(args.workdir)
     stage_dir = Path(args.stage_dir).resolve()
-    from pretrain.engine.dist import detect_env
+    from pretrain.common.dist import detect_env
 
     env = detect_env()
     rank = _rank['rank'] = env.rank

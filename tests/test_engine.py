@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.engine.dist import free_port
+from pretrain.common.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {'name': 'internimage_t', 'num_classes': 200, 'drop_path_rate': 0.0,
@@ -71,7 +71,7 @@ def test_cosine_schedule_warmup_and_state():
 
 
 def test_dist_env_from_torchrun_and_slurm():
-    from pretrain.engine.dist import detect_env, expand_nodelist
+    from pretrain.common.dist import detect_env, expand_nodelist
     assert expand_nodelist('gpu[01-03,07],cpu5') == ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'cpu5']
     assert expand_nodelist('node7') == ['node7']
     e = detect_env({'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '1', 'MASTER_ADDR': 'h1', 'MASTER_PORT': '1234'})
@@ -336,7 +336,7 @@ def _parity_worker(out_dir: str, stages: list[int], precision: str, eps: float) 
                 return {'image': images[s, lo:lo + mb], 'label': labels[s, lo:lo + mb], 'key': [''] * mb}
 
             res = trainer.train_step(next_micro)
-            from pretrain.engine.dist import all_reduce_sum
+            from pretrain.common.dist import all_reduce_sum
             step_losses.append(float(all_reduce_sum(torch.tensor([res.loss], dtype=torch.float64))[0]) / world)
         params = list(trainer.engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
@@ -515,9 +515,9 @@ def _m3i_parity_worker(out_dir: str) -> None:
     does not change any statistics), ZeRO-0 fp32: 2 ranks x 4 or 1 process x 8, the same global batches, through
     BatchStream (the counts of captioned and labelled samples summed over ranks). Rank 0 writes the losses, the
     first step's averaged gradients, the final weights and the teacher."""
+    from pretrain.common.dist import all_reduce_sum
     from pretrain.config import config_from_dict
     from pretrain.engine.data import BatchStream
-    from pretrain.engine.dist import all_reduce_sum
     from pretrain.engine.trainer import Trainer
 
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))

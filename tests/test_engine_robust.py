@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.engine.dist import free_port
+from pretrain.common.dist import free_port
 from tests.test_engine import REPO, _env, run_procs, stage_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.engine.dist import detect_env, rendezvous, slurm_port
+from pretrain.common.dist import detect_env, rendezvous, slurm_port
 
 REPO = Path(__file__).resolve().parents[1]
 

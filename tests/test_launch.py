@@ -122,7 +122,7 @@ def test_sbatch_script_text(tmp_path):
                  '#SBATCH --requeue', '#SBATCH --open-mode=append', '#SBATCH --mail-type=END',
                  '#SBATCH --reservation=r1', '#SBATCH --dependency=afterok:41']:
         assert line in text.splitlines(), line
-    assert 'MASTER_PORT' not in text  # one rendezvous: the ranks derive it (pretrain.engine.dist.rendezvous)
+    assert 'MASTER_PORT' not in text  # one rendezvous: the ranks derive it (pretrain.common.dist.rendezvous)
     assert f'export PYTHONPATH={run.root / "code"}' in text
     assert '-m launch.worker' in text and f'--stage-dir {run.root / "stages" / "big"}' in text
     assert (run.root / 'code' / 'launch' / 'worker.py').is_file()  # the snapshot the script points at

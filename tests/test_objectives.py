@@ -101,7 +101,7 @@ def _contrastive_rank(rank: int, world: int, port: int, out: str) -> None:
 def test_contrastive_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
     import torch.multiprocessing as mp
 
-    from pretrain.engine.dist import free_port
+    from pretrain.common.dist import free_port
     from pretrain.objectives.contrastive import contrastive_loss
 
     mp.spawn(_contrastive_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -232,20 +232,16 @@ def test_layer_decay_counts_the_backbone_and_puts_objective_heads_last():
     assert {'logit_scale.logit_scale', 'mim_decoder.mask_token'} <= no_wd
 
 
-# Modules of pretrain.engine that the objectives may still import (dist moves below both packages, next to the EMA).
-ENGINE_MODULES_BELOW = {'pretrain.engine', 'pretrain.engine.dist'}
-
-
 def test_layering_objectives_and_models_do_not_import_the_engine():
     """objectives -> models -> common, never the engine (its trainer builds the objective, not the other way);
     ``pretrain.engine`` itself imports nothing, so a small engine module does not pull in the trainer."""
     import subprocess
     import sys
 
-    code = ('import sys, pretrain.objectives, pretrain.models, pretrain.common.ema, pretrain.common.schedule; '
-            'print(*(m for m in sys.modules if m.startswith("pretrain.engine")))')
+    code = ('import sys, pretrain.objectives, pretrain.models, pretrain.common.ema, pretrain.common.schedule, '
+            'pretrain.common.dist; print(*(m for m in sys.modules if m.startswith("pretrain.engine")))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert set(out.stdout.split()) <= ENGINE_MODULES_BELOW, out.stdout
+    assert out.stdout.split() == [], out.stdout
     code = ('import sys, pretrain.engine.checkpoint; '
             'print("deepspeed" in sys.modules, "pretrain.objectives" in sys.modules)')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO, check=True)

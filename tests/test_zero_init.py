@@ -69,7 +69,7 @@ def _gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _worker(out_dir: str, case: str) -> None:
     import deepspeed
 
-    from pretrain.engine import dist as edist
+    from pretrain.common import dist as edist
     from pretrain.engine.trainer import Trainer, build_model
 
     env = edist.init_distributed()

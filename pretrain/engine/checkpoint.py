@@ -49,8 +49,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.common import dist as edist
 from pretrain.common.safe_load import check_folder, safe_load
-from pretrain.engine import dist as edist
+from pretrain.engine import watchdog
 
 __all__ = ['CheckpointManager', 'CheckpointSaveError', 'ResumePlan', 'TrainState', 'LoaderPosition', 'RNGStreams',
            'average_files', 'find_complete_checkpoints', 'load_average', 'rng_state', 'set_rng_state',
@@ -323,6 +324,10 @@ class CheckpointManager:
         """Collective: commit a checkpoint of the engine and every registered part as ``step``. Returns the step
         folder. Raises :class:`CheckpointSaveError` on every rank when a write failed on any rank; the partial folder
         is removed and the previous checkpoints are untouched."""
+        with watchdog.paused():  # an H-size save can outlast run.watchdog_min; the collective timeout still bounds it
+            return self._save(step)
+
+    def _save(self, step: int) -> str:
         if self.engine is None:
             raise RuntimeError('CheckpointManager.save: no engine registered (register_engine)')
         step_dir = self.step_dir(step)

@@ -15,8 +15,8 @@ import torch
 
 from data_pipelines.loader import SourceSpec, build_loader, resolve_shards
 from data_pipelines.transforms import build_eval_transform, build_train_transform
+from pretrain.common import dist as edist
 from pretrain.config import SourceConfig, TrainConfig
-from pretrain.engine import dist as edist
 from pretrain.engine import watchdog
 
 __all__ = ['build_train_loader', 'build_val_loader', 'steps_per_epoch', 'BatchStream']

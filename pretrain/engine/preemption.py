@@ -70,7 +70,7 @@ def signal_name() -> str | None:
 def agreed() -> bool:
     """Collective: True on every rank when any rank got the signal (all-reduce MAX); without a process group, the
     local flag. Every rank must call it at the same step boundary."""
-    from pretrain.engine import dist as edist
+    from pretrain.common import dist as edist
 
     return edist.all_reduce_max(1.0 if requested() else 0.0) > 0
 
@@ -99,7 +99,7 @@ def requeue_and_exit(rank: int, max_requeues: int, log=print) -> None:
     """After the collective save: rank 0 asks Slurm to requeue the job (when under Slurm and below the limit);
     barriers on both sides so no rank exits (and makes srun kill the others) before the request is in. Exits with
     :data:`REQUEUE_EXIT_CODE` on every rank; outside Slurm the caller (the local runner) restarts the stage."""
-    from pretrain.engine import dist as edist
+    from pretrain.common import dist as edist
 
     edist.barrier()
     if rank == 0:

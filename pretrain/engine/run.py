@@ -55,7 +55,7 @@ def run_training(cfg: TrainConfig, *, requeue_signals: list[str] | tuple[str, ..
     launch worker records it in events.jsonl)."""
     import torch.distributed as dist
 
-    from pretrain.engine import dist as edist
+    from pretrain.common import dist as edist
 
     preemption.install(list(requeue_signals))  # early: a signal during start-up is honoured at the first step
     env = edist.init_distributed(edist.detect_env(), timeout_min=cfg.run.collective_timeout_min)

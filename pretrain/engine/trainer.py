@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pretrain.common import dist as edist
 from pretrain.common.ema import EMA
 from pretrain.config import TrainConfig, config_to_dict
-from pretrain.engine import dist as edist
 from pretrain.engine import preemption, watchdog
 from pretrain.engine.checkpoint import CheckpointManager, LoaderPosition, RNGStreams, TrainState
 from pretrain.engine.data import BatchStream, build_train_loader, build_val_loader, steps_per_epoch

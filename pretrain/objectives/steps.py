@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pretrain.common import dist as edist
 from pretrain.config import TrainConfig
-from pretrain.engine import dist as edist
 from pretrain.objectives.masking import random_grid_mask
 
 __all__ = ['SupervisedStep', 'M3IStep', 'build_model', 'build_objective_step', 'classification_eval']
