@@ -629,6 +629,9 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
             cfg.sparsity.validate()
         except ValueError as e:
             raise ConfigError(f'{where}: {e}') from None
+        if cfg.sparsity.init == 'snip' and cfg.objective.kind != 'supervised':
+            fail('sparsity.init', "'snip' scores weights by the classification loss of one batch; it needs "
+                 f'objective.kind=supervised, got {cfg.objective.kind!r} (use erk or uniform)')
     if cfg.ema.every_steps < 1:
         fail('ema.every_steps', 'must be >= 1')
     if ck.interval_steps < 1:

@@ -89,6 +89,15 @@ def test_impossible_combinations_fail(tmp_path, override, key):
     assert key in str(e.value)
 
 
+def test_snip_needs_the_supervised_objective(tmp_path):
+    multi = ['objective.kind=multi', 'objective.supervised.weight=1', 'objective.contrastive.weight=0',
+             'objective.mim.weight=0', 'objective.fcmae.weight=0']
+    with pytest.raises(ConfigError, match=r'sparsity\.init.*objective\.kind=supervised'):
+        load_config(write(tmp_path, MINIMAL), ['sparsity.enabled=true', 'sparsity.init=snip'] + multi)
+    cfg = load_config(write(tmp_path, MINIMAL), ['sparsity.enabled=true', 'sparsity.init=snip'])
+    assert cfg.sparsity.init == 'snip'
+
+
 def test_mixup_needs_even_micro_batch(tmp_path):
     with pytest.raises(ConfigError, match='deepspeed.micro_batch_size'):
         load_config(write(tmp_path, MINIMAL), ['loss.mixup_alpha=0.8', 'deepspeed.micro_batch_size=7'])

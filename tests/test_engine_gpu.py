@@ -7,7 +7,7 @@ is skipped (marker ``gpu``, tests/conftest.py). They need the real data beside t
 
 Every run goes through ``torchrun`` like the CPU tests (tests/test_engine.py ``run_procs``) with
 ``DS_ACCELERATOR=cuda`` instead of the CPU tests' ``cpu``; the engine itself takes the GPU and nccl whenever CUDA is
-available (pretrain/engine/dist.py). That a run really computed on the GPU is checked on its checkpoint: the EMA is
+available (pretrain/common/dist.py). That a run really computed on the GPU is checked on its checkpoint: the EMA is
 saved from the tensors the engine trains (CUDA tensors come back from ``torch.load`` on CUDA), and each rank's RNG
 state has CUDA's.
 

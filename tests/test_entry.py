@@ -126,3 +126,15 @@ def test_a_skipped_sample_never_leaves_a_short_training_batch(tmp_path, drop_las
     assert loader.skip_counts() and sum(loader.skip_counts().values()) == 1
     # Training (drop_last): the short batch of 3 is dropped; evaluation keeps it.
     assert sizes == ([4] if drop_last else [4, 3])
+
+
+def test_evaluation_beats_the_watchdog_also_after_this_ranks_share_is_used_up():
+    """A rank whose val share ended keeps calling next(it, None) until every rank is done: that is progress too."""
+    from pretrain.engine import watchdog
+    from pretrain.engine.data import _BeatingLoader
+
+    it = iter(_BeatingLoader([1, 2]))
+    assert [next(it), next(it)] == [1, 2]
+    before = watchdog._last_beat_s
+    assert next(it, None) is None
+    assert watchdog._last_beat_s > before

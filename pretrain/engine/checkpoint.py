@@ -543,6 +543,7 @@ class CheckpointManager:
             os.unlink(failed)  # an earlier attempt's
         edist.barrier()  # quick: no rank reads a stale FAILED
         if self.rank == 0 and not os.path.isfile(done):
+            os.makedirs(plan.universal_dir, exist_ok=True)  # FAILED goes there, whatever fails first
             try:
                 check_folder(src)  # ds_to_universal unpickles unrestricted
                 self._convert(src, plan, out)

@@ -58,18 +58,30 @@ def build_val_loader(cfg: TrainConfig, rank: int, world_size: int):
 
 
 class _BeatingLoader:
-    """A loader whose iteration calls ``watchdog.beat()`` per batch; everything else is the wrapped loader's."""
+    """A loader whose iteration calls ``watchdog.beat()`` at every ``next()``, also once this rank's share is used up
+    (evaluation then keeps calling ``next(it, None)`` until every rank is done); everything else is the wrapped
+    loader's."""
 
     def __init__(self, loader):
         self.loader = loader
 
     def __iter__(self):
-        for batch in self.loader:
-            watchdog.beat()
-            yield batch
+        return _BeatingIterator(iter(self.loader))
 
     def __getattr__(self, name: str):
         return getattr(self.loader, name)
+
+
+class _BeatingIterator:
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        watchdog.beat()
+        return next(self.it)
 
 
 def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:

@@ -72,11 +72,13 @@ def run_training(cfg: TrainConfig, *, requeue_signals: list[str] | tuple[str, ..
     from pretrain.engine.run_lock import RunLockedError
     from pretrain.engine.trainer import NonFiniteError, Trainer
 
+    dump_dir = os.path.join(cfg.run.output_dir, 'watchdog')
+    # Configured (no thread) before the build, so a collective timeout there still dumps, requeues and records.
+    watchdog.start(0, rank=env.rank, dump_dir=dump_dir, on_stall=on_stall)
     try:
         trainer = Trainer(cfg, env)
         # Started after the build (resume, universal conversion: no beats there; the collective timeout bounds it).
-        watchdog.start(cfg.run.watchdog_min, rank=env.rank, dump_dir=os.path.join(cfg.run.output_dir, 'watchdog'),
-                       on_stall=on_stall)
+        watchdog.start(cfg.run.watchdog_min, rank=env.rank, dump_dir=dump_dir, on_stall=on_stall)
         summary = trainer.train()
     except preemption.Preempted as e:
         watchdog.stop()
