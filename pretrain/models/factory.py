@@ -27,6 +27,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from timm.models import build_model_with_cfg
 from timm.models._features import FeatureGetterNet
 
 from pretrain.models.internimage import InternImage
@@ -37,6 +38,16 @@ if TYPE_CHECKING:
 
 __all__ = ['create_backbone', 'backbone_from_config', 'set_grad_checkpointing', 'checkpointable_blocks',
            'output_stride']
+
+
+def build_staged(cls: type[nn.Module], variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> nn.Module:
+    """A four-stage family's timm constructor: ``model_args`` (the variant's) updated by the caller's ``kwargs``, built
+    by timm's ``build_model_with_cfg`` with the stage-feature getter (``features_only``; ``out_indices`` default all
+    four stages)."""
+    kwargs = {**model_args, **kwargs}
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    features = dict(out_indices=out_indices, feature_cls='getter')
+    return build_model_with_cfg(cls, variant, pretrained, feature_cfg=features, **kwargs)
 
 
 def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:

@@ -32,10 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, NormMlpClassifierHead, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
+from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 
-from pretrain.models.factory import set_grad_checkpointing
+from pretrain.models.factory import build_staged, set_grad_checkpointing
 from pretrain.ops.dwconv import IMPLS, dwconv2d
 
 __all__ = ['PeLK', 'PartialPeripheralConv', 'sharing_grid', 'kpe_bias', 'KPE_MODES', 'MODEL_ARGS']
@@ -388,12 +388,6 @@ class PeLK(nn.Module):
         return take_indices
 
 
-def _create_pelk(variant: str, pretrained: bool = False, **kwargs) -> PeLK:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(PeLK, variant, pretrained,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
-
-
 def _cfg(**kwargs) -> dict:
     # No released weights; eval transform of ConvNeXt/SLaK (crop 0.875, bicubic).
     return {'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.875,
@@ -415,7 +409,7 @@ MODEL_ARGS: dict[str, dict] = {
 
 
 def _create(variant: str, pretrained: bool, kwargs: dict) -> PeLK:
-    return _create_pelk(variant, pretrained=pretrained, **{**MODEL_ARGS[variant], **kwargs})
+    return build_staged(PeLK, variant, pretrained, MODEL_ARGS[variant], kwargs)
 
 
 @register_model

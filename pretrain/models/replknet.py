@@ -28,10 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from pretrain.models.factory import set_grad_checkpointing
+from pretrain.models.factory import build_staged, set_grad_checkpointing
 from pretrain.ops.dwconv import IMPLS, dwconv2d
 
 __all__ = ['RepLKNet', 'ReparamLargeKernelConv', 'RepLKBlock', 'ConvFFN', 'LargeDepthwiseConv', 'ConvBN',
@@ -383,9 +383,7 @@ MODEL_ARGS: dict[str, dict] = {
 
 
 def _create(variant: str, pretrained: bool, kwargs: dict) -> RepLKNet:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(RepLKNet, variant, pretrained, **{**MODEL_ARGS[variant], **kwargs},
-                                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'))
+    return build_staged(RepLKNet, variant, pretrained, MODEL_ARGS[variant], kwargs)
 
 
 @register_model
