@@ -9,6 +9,7 @@ import os
 import sys
 
 from data_pipelines.decode import DEFAULT_MAX_IMAGE_PIXELS
+from data_pipelines.tario import DEFAULT_REMOTE, RemoteOptions
 
 
 def _parse_bytes(text: str) -> int:
@@ -66,13 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("output", help="folder with manifest.json")
     v.add_argument("--no-recount", action="store_true", help="check bytes and sha256 only, not sample counts")
 
-    c = sub.add_parser("check", help="decode every sample through the training path and count the skipped ones")
-    c.add_argument("urls", help="shard URLs (brace pattern, '::'-joined, local or pipe:)")
-    c.add_argument("--json", action="store_true", help='print {"good": N, "skipped": {reason: count}}')
+    c = sub.add_parser("check", help="decode every sample through the training path and count the skipped ones; "
+                                     "exit status 1 when anything (a sample or a whole shard) was skipped")
+    c.add_argument("urls", help="shard URLs (brace pattern, '::'-joined; local, http(s):// or pipe:)")
+    c.add_argument("--json", action="store_true",
+                   help='print {"good": N, "skipped": {reason: count}, "skipped_shards": [{"url", "reason", '
+                        '"detail"}]}')
     c.add_argument("--img-size", type=int, default=224)
     c.add_argument("--require-caption", action="store_true", help="count samples without a caption as bad")
     c.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
     c.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    defaults = RemoteOptions()
+    c.add_argument("--timeout-s", type=float, default=defaults.timeout_s,
+                   help=f"http(s)/pipe: wait for the next bytes (default {defaults.timeout_s})")
+    c.add_argument("--retries", type=int, default=defaults.retries,
+                   help=f"http(s): reconnections in a row without new bytes (default {defaults.retries})")
+    c.add_argument("--backoff-s", type=float, default=defaults.backoff_s,
+                   help=f"http(s): first retry wait, doubled each time (default {defaults.backoff_s})")
     return parser
 
 
@@ -130,35 +141,60 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def check_shards(urls: str, *, img_size: int = 224, require_caption: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, num_workers: int = 0) -> dict:
-    """Decode every sample of ``urls`` through the training path; returns {"good": N, "skipped": {reason: n}}."""
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, num_workers: int = 0,
+                 remote: RemoteOptions = DEFAULT_REMOTE) -> dict:
+    """Decode every sample of ``urls`` through the training path.
+
+    Every shard's tar headers are read first: a shard that cannot be opened or read (missing file, HTTP 404, a
+    timeout, a connection lost after the retries) is left out of the decode pass and counted once under its reason;
+    a truncated one is decoded up to the break (the loader counts ``truncated_tar``). Returns {"good": N,
+    "skipped": {reason: n}, "skipped_shards": [{"url", "reason", "detail"}]} (the shards left out or cut short)."""
+    from data_pipelines.errors import TRUNCATED_TAR
     from data_pipelines.loader import SourceSpec, build_loader
-    from data_pipelines.tario import expand_urls
+    from data_pipelines.tario import expand_urls, scan_shard
     from data_pipelines.transforms import build_train_transform
 
-    n_shards = len(expand_urls(urls))
-    num_workers = min(num_workers, n_shards)
-    loader = build_loader(SourceSpec("check", urls), batch_size=1, num_workers=num_workers, mode="epoch",
-                          transform=build_train_transform(img_size, max_image_pixels=max_image_pixels),
-                          caption_required=require_caption, max_image_pixels=max_image_pixels)
-    good = sum(len(batch["key"]) for batch in loader)
-    return {"good": good, "skipped": loader.skip_counts()}
+    readable: list[str] = []
+    skipped_shards: list[dict] = []
+    left_out: dict[str, int] = {}
+    for url in expand_urls(urls):
+        _, problem = scan_shard(url, remote)
+        if problem is not None:
+            skipped_shards.append({"url": url, "reason": problem.reason, "detail": problem.detail})
+        if problem is None or problem.reason == TRUNCATED_TAR:
+            readable.append(url)
+        else:
+            left_out[problem.reason] = left_out.get(problem.reason, 0) + 1
+    good, skipped = 0, dict(left_out)
+    if readable:
+        loader = build_loader(SourceSpec("check", readable, remote=remote), batch_size=1,
+                              num_workers=min(num_workers, len(readable)), mode="epoch",
+                              transform=build_train_transform(img_size, max_image_pixels=max_image_pixels),
+                              caption_required=require_caption, max_image_pixels=max_image_pixels)
+        good = sum(len(batch["key"]) for batch in loader)
+        for reason, n in loader.skip_counts().items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return {"good": good, "skipped": dict(sorted(skipped.items())), "skipped_shards": skipped_shards}
 
 
 def _check(args: argparse.Namespace) -> int:
     report = check_shards(args.urls, img_size=args.img_size, require_caption=args.require_caption,
-                          max_image_pixels=args.max_image_pixels, num_workers=args.workers)
+                          max_image_pixels=args.max_image_pixels, num_workers=args.workers,
+                          remote=RemoteOptions(args.timeout_s, args.retries, args.backoff_s))
     if args.json:
         print(json.dumps(report, sort_keys=True))
     else:
         print(f"good: {report['good']}")
         for reason, n in report["skipped"].items():
             print(f"skipped ({reason}): {n}")
-    return 0
+        for shard in report["skipped_shards"]:
+            print(f"shard {shard['url']}: {shard['reason']}: {shard['detail']}")
+    return 1 if report["skipped"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit status (1 when ``verify`` finds problems)."""
+    """Entry point; returns the process exit status (1 when ``verify`` finds problems or ``check`` skipped
+    anything)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     return {"write": _write, "verify": _verify, "check": _check}[args.command](args)

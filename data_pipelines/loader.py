@@ -50,7 +50,7 @@ from data_pipelines.errors import (
 )
 from data_pipelines.filters import SampleFilter
 from data_pipelines.manifest import manifest_sample_counts, read_manifest
-from data_pipelines.tario import count_tar_samples, expand_urls, iter_tar_samples
+from data_pipelines.tario import DEFAULT_REMOTE, RemoteOptions, count_tar_samples, expand_urls, iter_tar_samples
 from data_pipelines.text import build_tokenizer, clean_caption
 
 log = logging.getLogger("data_pipelines")
@@ -65,8 +65,8 @@ class SourceSpec:
     """A named data source: shard URLs and a mixture weight.
 
     ``urls``: a brace pattern (``/data/cc12m/cc12m-{000000..002175}.tar``), ``::``-joined patterns, or a list;
-    local paths, ``file:`` or ``pipe:COMMAND`` (object stores). ``weight``: relative share of samples drawn from
-    this source in resampled mode; None means "by size" (its sample count from the manifest, else its shard
+    local paths, ``file:``, ``http(s)://`` or ``pipe:COMMAND`` (object stores). ``weight``: relative share of samples
+    drawn from this source in resampled mode; None means "by size" (its sample count from the manifest, else its shard
     count times the mean samples per shard). Epoch mode reads every sample of every source once and ignores it.
     """
 
@@ -75,6 +75,7 @@ class SourceSpec:
     weight: float | None = None
     image_extensions: Sequence[str] = IMAGE_EXTENSIONS
     manifest: str | None = None  # manifest.json for remote (pipe:) shards, matched by shard file name
+    remote: RemoteOptions = DEFAULT_REMOTE  # timeouts and retries of http(s):// and pipe: shards
 
 
 @dataclass
@@ -94,17 +95,17 @@ class _Slot:
     stop: int | None
     consumed: int = 0
     to_end: bool = True  # read on to the end of the tar after ``stop`` so that a truncation is reported
-    next_offset_bytes: int | None = None  # where sample start + consumed begins (local uncompressed tars)
+    next_offset_bytes: int | None = None  # where sample start + consumed begins (uncompressed local/http(s) tars)
     reader: Iterator[dict] | None = field(default=None, repr=False)
 
-    def open(self) -> Iterator[dict]:
+    def open(self, remote: RemoteOptions = DEFAULT_REMOTE) -> Iterator[dict]:
         if self.reader is None:
             remaining = None if self.stop is None else self.stop - self.start - self.consumed
             if self.consumed and self.next_offset_bytes is not None:  # resume: seek instead of reading past
-                self.reader = iter_tar_samples(self.url, start_offset_bytes=self.next_offset_bytes,
+                self.reader = iter_tar_samples(self.url, start_offset_bytes=self.next_offset_bytes, remote=remote,
                                                max_samples=remaining, check_end=self.to_end)
             else:
-                self.reader = iter_tar_samples(self.url, skip_samples=self.start + self.consumed,
+                self.reader = iter_tar_samples(self.url, skip_samples=self.start + self.consumed, remote=remote,
                                                max_samples=remaining, check_end=self.to_end)
         return self.reader
 
@@ -129,7 +130,12 @@ def resolve_shards(sources: Sequence[SourceSpec], *, need_counts: bool) -> list[
         for url in urls:
             n = counts.get(url)
             if n is None and need_counts:
-                n = count_tar_samples(url)
+                try:
+                    n = count_tar_samples(url, source.remote)
+                except SkipSample as e:  # a plan cannot be cut around a shard of unknown size
+                    raise ValueError(f"source {source.name!r}: cannot count the samples of {url} ({e}); epoch mode "
+                                     f"needs every shard's count: give the source a manifest (then the shard is "
+                                     f"skipped and counted when read) or leave the URL out") from e
             shards.append(_Shard(url, n, i))
     return shards
 
@@ -332,7 +338,7 @@ class _WorkerIterator:
                 raise StopIteration
             slot = self.slots[self.rng.randrange(len(self.slots))]
             try:
-                raw = next(slot.open())
+                raw = next(slot.open(self.ds.sources[slot.source].remote))
             except StopIteration:
                 self.slots.remove(slot)
                 continue

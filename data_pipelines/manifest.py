@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from data_pipelines.tario import count_tar_samples
+from data_pipelines.tario import count_tar_samples, is_remote
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "data_pipelines.manifest/1"
@@ -88,7 +88,7 @@ def manifest_sample_counts(urls: list[str]) -> dict[str, int]:
     by_dir: dict[str, dict[str, int] | None] = {}
     for url in urls:
         path = url[len("file:"):] if url.startswith("file:") else url
-        if path.startswith("pipe:"):
+        if is_remote(path):
             continue
         directory = os.path.dirname(os.path.abspath(path))
         if directory not in by_dir:

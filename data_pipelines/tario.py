@@ -1,29 +1,74 @@
-"""Reading WebDataset tar shards: open a URL (local path, ``file:`` or ``pipe:`` command) and group members into
-samples by key.
+"""Reading WebDataset tar shards: open a URL (local path, ``file:``, ``http(s)://`` or ``pipe:`` command) and group
+members into samples by key.
 
 A sample is a dict ``{"__key__": str, "__url__": str, <ext>: bytes, ...}``, where the key is the member path up to the
 first dot of its base name and the extension is the rest, lower-cased (the webdataset convention). A truncated or
 corrupt tar ends the shard with ``SkipSample("truncated_tar")`` *after* every complete sample before the break
 has been yielded; the sample that was cut is not yielded.
+
+http(s) shards are read with the standard library's ``http.client`` rather than webdataset's ``gopen`` (a
+``curl --retry`` pipe): a dropped connection is resumed here at the byte where it broke (a ``Range`` request, or a
+re-read that skips to it when the server ignores ranges), so the tar reader never sees the fault, and an exact resume
+can start at a saved byte offset; curl's retries restart the whole body into the same pipe.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
+import os
 import re
+import select
+import signal
 import subprocess
 import tarfile
+import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO
+from urllib.parse import urljoin, urlsplit
 
 import braceexpand
 
-from data_pipelines.errors import TRUNCATED_TAR, UNREADABLE_SHARD, SkipSample
+from data_pipelines.errors import (
+    SHARD_CONNECTION_LOST,
+    SHARD_NOT_FOUND,
+    SHARD_TIMEOUT,
+    TRUNCATED_TAR,
+    UNREADABLE_SHARD,
+    SkipSample,
+)
 
 log = logging.getLogger("data_pipelines")
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_REMOTE_SCHEMES = ("http://", "https://")
+_MAX_BACKOFF_S = 60.0
+_MAX_REDIRECTS = 5
+_READ_BUFFER_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """How remote shards are read (``data.remote`` in the training config).
+
+    ``timeout_s``: the longest wait for a connection or for the next bytes of an http(s) shard or a ``pipe:``
+    command's output; ``retries``: reconnections in a row that bring no new byte before an http(s) shard is given up
+    (a connection that delivered data resets the count); ``backoff_s``: the wait before the first retry, doubled at
+    each further one (at most 60 s). ``pipe:`` commands are not retried here (use the tool's own retries)."""
+
+    timeout_s: float = 60.0
+    retries: int = 5
+    backoff_s: float = 1.0
+
+
+DEFAULT_REMOTE = RemoteOptions()
+
+
+def is_remote(url: str) -> bool:
+    """Whether ``url`` is read over the network or through a command (http(s):// or pipe:), not from a local path."""
+    return url.startswith(_REMOTE_SCHEMES) or url.startswith("pipe:")
 
 
 def expand_urls(pattern: str | list[str]) -> list[str]:
@@ -44,46 +89,182 @@ def split_key_ext(name: str) -> tuple[str, str] | None:
 
 
 class _PipeStream:
-    """File-like reader over a shell command's stdout; closing it reaps the process."""
+    """File-like reader over a shell command's stdout that waits at most ``timeout_s`` for each next output;
+    closing it reaps the process."""
 
-    def __init__(self, command: str):
+    def __init__(self, command: str, timeout_s: float):
         self.command = command
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
+        self.timeout_s = timeout_s
+        # Its own process group, so that a timeout kills the whole command (``sh -c 'a | b'``), not just the shell.
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
 
     def read(self, size: int = -1) -> bytes:
-        return self.proc.stdout.read(size)
+        if size < 0:
+            return b"".join(iter(lambda: self.read(_READ_BUFFER_BYTES), b""))
+        ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
+        if not ready:  # a stalled command (a hung download) must not hang the loader
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise SkipSample(SHARD_TIMEOUT, f"pipe:{self.command}: no output for {self.timeout_s} s (timeout_s)")
+        return os.read(self.fd, size)
 
     def close(self) -> int:
-        """Close the pipe and return the command's exit status."""
+        """Close the pipe and return the command's exit status (idempotent)."""
         self.proc.stdout.close()
         return self.proc.wait()
 
 
-def open_url(url: str) -> IO[bytes]:
-    """Open a shard for reading: a local path, ``file:PATH`` or ``pipe:COMMAND`` (e.g. ``pipe:aws s3 cp URL -``)."""
+class _RetryableStatus(Exception):
+    """An HTTP status worth retrying (408, 429, 5xx)."""
+
+
+class _HttpStream:
+    """A read-only stream over an http(s) URL from byte ``offset_bytes`` on, that survives dropped connections.
+
+    A failed connect, a timeout, a connection closed before the announced length or a retryable status reconnects
+    after an exponential backoff and goes on at the byte reached: with ``Range: bytes=N-`` where the server answers
+    206, else by re-reading the body and discarding its first N bytes. ``retries`` failures in a row without a new
+    byte end the shard with SkipSample (``shard_timeout`` or ``shard_connection_lost``); 404/410 give
+    ``shard_not_found`` and other 4xx ``unreadable_shard`` at once."""
+
+    def __init__(self, url: str, offset_bytes: int, options: RemoteOptions):
+        self.url = url
+        self.options = options
+        self.position = offset_bytes  # bytes of the shard received (or seeked past): where a reconnection resumes
+        self._chunk = memoryview(b"")  # received, not yet handed to the reader
+        self.failures_in_a_row = 0
+        self.requests = 0
+        self.ranged_requests = 0  # requests answered with 206 (the server supports ranges)
+        self._conn: http.client.HTTPConnection | None = None
+        self._response: http.client.HTTPResponse | None = None
+        self._retrying(lambda: None)  # connect now: a 404 or a dead server shows at open, as a missing file does
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (fewer near a network chunk's end; b"" at the end of the shard)."""
+        if size < 0:
+            return b"".join(iter(lambda: self.read(_READ_BUFFER_BYTES), b""))
+        if not self._chunk:
+            # Bytes are handed on only after they arrived, so a failure loses nothing already received.
+            self._chunk = memoryview(self._retrying(lambda: self._response.read1(_READ_BUFFER_BYTES)))
+            self.position += len(self._chunk)
+        data = bytes(self._chunk[:size])
+        self._chunk = self._chunk[size:]
+        return data
+
+    def _retrying(self, read):
+        """Run ``read`` on an open response, reconnecting and retrying as the class says; returns its result."""
+        while True:
+            try:
+                if self._response is None:
+                    self._request()
+                result = read()
+                if result == b"" and self._response.length:  # http.client returns b"" when the peer closes early
+                    raise ConnectionError(f"connection closed {self._response.length} bytes before the end")
+                if result:
+                    self.failures_in_a_row = 0
+                return result
+            except (OSError, http.client.HTTPException, _RetryableStatus) as e:  # socket timeouts are OSErrors
+                self._drop_connection()
+                self.failures_in_a_row += 1
+                if self.failures_in_a_row > self.options.retries:
+                    reason = SHARD_TIMEOUT if isinstance(e, TimeoutError) else SHARD_CONNECTION_LOST
+                    raise SkipSample(reason, f"{self.url}: {type(e).__name__}: {e} at byte {self.position}, "
+                                             f"{self.failures_in_a_row} failures in a row (timeout_s="
+                                             f"{self.options.timeout_s}, retries={self.options.retries})") from e
+                wait_s = min(self.options.backoff_s * 2 ** (self.failures_in_a_row - 1), _MAX_BACKOFF_S)
+                log.warning("%s: %s: %s at byte %d; retry %d/%d in %.2f s", self.url, type(e).__name__, e,
+                            self.position, self.failures_in_a_row, self.options.retries, wait_s)
+                time.sleep(wait_s)
+
+    def _request(self) -> None:
+        """One GET from ``self.position`` (following redirects); leaves ``self._response`` at that byte."""
+        target = self.url
+        for _ in range(_MAX_REDIRECTS + 1):
+            parts = urlsplit(target)
+            connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            self._conn = connection_class(parts.hostname, parts.port, timeout=self.options.timeout_s)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            self._conn.request("GET", path, headers={"Range": f"bytes={self.position}-"} if self.position else {})
+            self.requests += 1
+            response = self._conn.getresponse()
+            location = response.getheader("Location")
+            if response.status in (301, 302, 303, 307, 308) and location:
+                self._drop_connection()
+                target = urljoin(target, location)
+                continue
+            break
+        self._response = response
+        status = response.status
+        if status == 206:
+            content_range = response.getheader("Content-Range", "")
+            match = re.match(r"bytes (\d+)-", content_range)
+            if match is None or int(match.group(1)) != self.position:
+                raise SkipSample(UNREADABLE_SHARD, f"{self.url}: asked for bytes {self.position}- and got "
+                                                   f"Content-Range {content_range!r}")
+            self.ranged_requests += 1
+        elif status == 416 and self.position:  # the range starts at the end: nothing is left to read
+            response.read()
+            response.length = 0
+        elif status == 200:
+            self._discard(self.position)  # the server ignores ranges: read past what was already handed on
+        elif status in (404, 410):
+            raise SkipSample(SHARD_NOT_FOUND, f"{self.url}: HTTP {status} {response.reason}")
+        elif status in (408, 429) or status >= 500:
+            raise _RetryableStatus(f"HTTP {status} {response.reason}")
+        else:
+            raise SkipSample(UNREADABLE_SHARD, f"{self.url}: HTTP {status} {response.reason}")
+
+    def _discard(self, n_bytes: int) -> None:
+        left = n_bytes
+        while left:
+            chunk = self._response.read(min(left, _READ_BUFFER_BYTES))
+            if not chunk:
+                raise ConnectionError(f"body ended {left} bytes before byte {n_bytes} while skipping to it")
+            left -= len(chunk)
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = self._response = None
+
+    def close(self) -> None:
+        self._drop_connection()
+
+
+def open_url(url: str, *, offset_bytes: int = 0, remote: RemoteOptions = DEFAULT_REMOTE) -> IO[bytes]:
+    """Open a shard for reading from byte ``offset_bytes``: a local path, ``file:PATH``, ``http(s)://...`` or
+    ``pipe:COMMAND`` (e.g. ``pipe:aws s3 cp s3://b/x.tar -``; it cannot start at an offset). ``remote``: timeouts and
+    retries of http(s) and pipe: reads. Raises SkipSample (``unreadable_shard``, ``shard_not_found``, ...)."""
     if url.startswith("pipe:"):
-        return _PipeStream(url[len("pipe:"):])  # type: ignore[return-value]
+        if offset_bytes:
+            raise ValueError(f"{url}: a pipe: command cannot start at byte {offset_bytes}")
+        return _PipeStream(url[len("pipe:"):], remote.timeout_s)  # type: ignore[return-value]
+    if url.startswith(_REMOTE_SCHEMES):
+        return _HttpStream(url, offset_bytes, remote)  # type: ignore[return-value]
     path = url[len("file:"):] if url.startswith("file:") else url
     try:
-        return open(path, "rb", buffering=1 << 20)
+        stream = open(path, "rb", buffering=1 << 20)
     except OSError as e:
         raise SkipSample(UNREADABLE_SHARD, f"{url}: {e}") from e
+    if offset_bytes:
+        stream.seek(offset_bytes)
+    return stream
 
 
 def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None = None,
-                     check_end: bool = False, start_offset_bytes: int = 0) -> Iterator[dict]:
+                     check_end: bool = False, start_offset_bytes: int = 0,
+                     remote: RemoteOptions = DEFAULT_REMOTE) -> Iterator[dict]:
     """Yield the samples of the tar shard at ``url`` (plain or gzip-compressed), in tar order.
 
     ``skip_samples`` samples are read past without being yielded (used to resume); at most ``max_samples`` are
     yielded after them. With ``check_end`` the rest of the tar is still read after the last yielded sample, so a
-    truncation there is reported. ``start_offset_bytes`` starts reading a local uncompressed tar at that byte
-    (a sample boundary that an earlier read reported). Each sample carries ``__next_offset__``: the byte offset of
-    the next sample in a local uncompressed tar, else None. Raises SkipSample(``unreadable_shard`` |
-    ``truncated_tar``) after the last good sample.
+    truncation there is reported. ``start_offset_bytes`` starts reading an uncompressed local or http(s) tar at
+    that byte (a sample boundary that an earlier read reported). Each sample carries ``__next_offset__``: the byte
+    offset of the next sample in an uncompressed local or http(s) tar, else None (gzip, ``pipe:``). ``remote``:
+    timeouts and retries of http(s) and pipe: reads. Raises SkipSample (``unreadable_shard``, ``truncated_tar``,
+    ``shard_not_found``, ``shard_timeout``, ``shard_connection_lost``) after the last good sample.
     """
-    stream = open_url(url)
-    if start_offset_bytes:
-        stream.seek(start_offset_bytes)
+    stream = open_url(url, offset_bytes=start_offset_bytes, remote=remote)
     seekable = not isinstance(stream, _PipeStream)
     n_seen = 0  # samples completed, including skipped ones
     limit = None if max_samples is None else skip_samples + max_samples
@@ -92,7 +273,7 @@ def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise SkipSample(UNREADABLE_SHARD, f"{url}: cannot read a tar header: {e}") from e
+            raise SkipSample(UNREADABLE_SHARD, f"{url}: cannot read a tar header: {e}{_exit_status(stream)}") from e
         try:
             for member in tar:
                 if not member.isfile():
@@ -141,11 +322,39 @@ def _drain(tar: tarfile.TarFile, url: str) -> None:
         log.warning("%s: %d members after the expected number of samples (stale manifest?); not read", url, extra)
 
 
-def count_tar_samples(url: str) -> int:
-    """Count the complete samples in a shard by reading its tar headers only (nothing is decoded)."""
+def _exit_status(stream: IO[bytes]) -> str:
+    """", command exited with status N" for a failed pipe: command (curl --fail on a 404 says nothing else)."""
+    if isinstance(stream, _PipeStream):
+        status = stream.close()
+        return f", command exited with status {status}" if status else ""
+    return ""
+
+
+def scan_shard(url: str, remote: RemoteOptions = DEFAULT_REMOTE) -> tuple[int, SkipSample | None]:
+    """Read a shard's tar headers only (nothing is decoded): (complete samples, the SkipSample that ended the read
+    early, or None when the whole shard was read)."""
+    n, problem, _ = _scan(url, remote)
+    return n, problem
+
+
+def count_tar_samples(url: str, remote: RemoteOptions = DEFAULT_REMOTE) -> int:
+    """Count the complete samples in a shard by reading its tar headers only (nothing is decoded). A truncated or
+    empty tar counts the samples before the break; a shard that cannot be opened (missing file, HTTP 404) or whose
+    remote read fails after its retries raises that SkipSample."""
+    n, problem, tar_format = _scan(url, remote)
+    if problem is not None and not tar_format:
+        raise problem
+    return n
+
+
+def _scan(url: str, remote: RemoteOptions) -> tuple[int, SkipSample | None, bool]:
+    """(complete samples, the problem, whether the problem is the tar's own format rather than opening/reading)."""
     n = 0
     last_key = None
-    stream = open_url(url)
+    try:
+        stream = open_url(url, remote=remote)
+    except SkipSample as e:
+        return 0, e, False
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -153,8 +362,13 @@ def count_tar_samples(url: str) -> int:
                 if parts is not None and parts[0] != last_key:
                     n += 1
                     last_key = parts[0]
-    except (tarfile.TarError, OSError, EOFError, zlib.error):
-        n = max(n - 1, 0)  # the sample in progress at the break is not complete
+        status = _exit_status(stream)
+        return n, (SkipSample(UNREADABLE_SHARD, f"{url}{status}") if status else None), False
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        status = _exit_status(stream)
+        reason = TRUNCATED_TAR if last_key is not None else UNREADABLE_SHARD
+        return max(n - 1, 0), SkipSample(reason, f"{url}: {type(e).__name__}: {e}{status}"), not status
+    except SkipSample as e:  # a remote read that failed after its retries: the sample in progress is not complete
+        return max(n - 1, 0), e, False
     finally:
         stream.close()
-    return n

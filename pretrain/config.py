@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from data_pipelines.tario import RemoteOptions
+
 __all__ = [
     'ConfigError', 'TrainConfig', 'ModelConfig', 'SourceConfig', 'DataConfig', 'LossConfig', 'OptimConfig',
     'ScheduleConfig', 'DeepSpeedConfig', 'EMAConfig', 'CheckpointConfig', 'LoggingConfig', 'RunConfig',
@@ -63,6 +65,17 @@ class SourceConfig:
 
 
 @dataclass
+class RemoteConfig:
+    """Reading http(s):// and pipe: shards (data_pipelines.tario.RemoteOptions; docs/DATA.md "Remote shards")."""
+    timeout_s: float = RemoteOptions.timeout_s  # longest wait for a connection or the next bytes
+    retries: int = RemoteOptions.retries  # http(s) reconnections in a row without a new byte, then the shard is skipped
+    backoff_s: float = RemoteOptions.backoff_s  # wait before the first retry, doubled at each next one (at most 60 s)
+
+    def options(self) -> RemoteOptions:
+        return RemoteOptions(timeout_s=self.timeout_s, retries=self.retries, backoff_s=self.backoff_s)
+
+
+@dataclass
 class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
     val: list[SourceConfig] = field(default_factory=list)
@@ -72,6 +85,7 @@ class DataConfig:
     num_workers: int = 4
     interleave_shards: int = 4
     seed: int = 0
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     # train transform (timm semantics)
     scale_min: float = 0.08
     hflip: float = 0.5
@@ -577,6 +591,10 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
         fail('data.img_size', f'must be a positive multiple of 16 (the stages downsample), got {data.img_size}')
     if data.num_workers < 0:
         fail('data.num_workers', 'must be >= 0')
+    if data.remote.timeout_s <= 0:
+        fail('data.remote.timeout_s', f'must be > 0 (a read with no timeout can hang), got {data.remote.timeout_s}')
+    if data.remote.retries < 0 or data.remote.backoff_s < 0:
+        fail('data.remote', f'retries and backoff_s must be >= 0, got {data.remote.retries}, {data.remote.backoff_s}')
     if not 0 < data.scale_min <= 1:
         fail('data.scale_min', f'must be in (0, 1], got {data.scale_min}')
 

@@ -108,9 +108,11 @@ def test_check_cli_reports_good_and_skipped_with_workers(bad_shards):
     result = subprocess.run([sys.executable, "-m", "data_pipelines", "check", "::".join(urls), "--json",
                              "--require-caption", "--max-image-pixels", str(MAX_PIXELS), "--workers", "2"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # something was skipped
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"good": len(expected_keys), "skipped": dict(sorted(expected_skips.items()))}
+    assert {k: report[k] for k in ("good", "skipped")} == {"good": len(expected_keys),
+                                                           "skipped": dict(sorted(expected_skips.items()))}
+    assert [(s["url"], s["reason"]) for s in report["skipped_shards"]] == [(urls[1], "truncated_tar")]
 
 
 def test_captions_tokens_and_labels_exact(cc12m_dir, mnist_dir):

@@ -16,14 +16,14 @@ import torch
 from data_pipelines.loader import SourceSpec, build_loader, resolve_shards
 from data_pipelines.transforms import build_eval_transform, build_train_transform
 from pretrain.common import dist as edist
-from pretrain.config import SourceConfig, TrainConfig
+from pretrain.config import RemoteConfig, SourceConfig, TrainConfig
 from pretrain.engine import watchdog
 
 __all__ = ['build_train_loader', 'build_val_loader', 'steps_per_epoch', 'BatchStream']
 
 
-def _specs(sources: list[SourceConfig]) -> list[SourceSpec]:
-    return [SourceSpec(s.name, s.urls, weight=s.weight, manifest=s.manifest) for s in sources]
+def _specs(sources: list[SourceConfig], remote: RemoteConfig) -> list[SourceSpec]:
+    return [SourceSpec(s.name, s.urls, weight=s.weight, manifest=s.manifest, remote=remote.options()) for s in sources]
 
 
 def build_train_loader(cfg: TrainConfig, rank: int, world_size: int, epoch: int = 0, tokenize: bool = False):
@@ -38,7 +38,7 @@ def build_train_loader(cfg: TrainConfig, rank: int, world_size: int, epoch: int 
     transform = build_train_transform(d.img_size, scale=(d.scale_min, 1.0), hflip=d.hflip,
                                       color_jitter=d.color_jitter, auto_augment=d.auto_augment, re_prob=d.re_prob,
                                       interpolation=d.interpolation)
-    return build_loader(_specs(d.train), batch_size=cfg.deepspeed.micro_batch_size, num_workers=d.num_workers,
+    return build_loader(_specs(d.train, d.remote), batch_size=cfg.deepspeed.micro_batch_size, num_workers=d.num_workers,
                         mode=d.mode, seed=d.seed, rank=rank, world_size=world_size, transform=transform,
                         epoch=epoch, drop_last=True, interleave_shards=d.interleave_shards,
                         samples_per_epoch=d.samples_per_epoch, tokenizer=tokenizer, caption_required=False)
@@ -52,9 +52,9 @@ def build_val_loader(cfg: TrainConfig, rank: int, world_size: int):
         return None
     transform = build_eval_transform(d.img_size, crop_pct=d.eval_crop_pct, interpolation=d.interpolation)
     return _BeatingLoader(build_loader(
-        _specs(d.val), batch_size=d.eval_micro_batch_size or cfg.deepspeed.micro_batch_size, num_workers=d.num_workers,
-        mode='epoch', seed=d.seed, rank=rank, world_size=world_size, transform=transform, drop_last=False,
-        interleave_shards=d.interleave_shards))
+        _specs(d.val, d.remote), batch_size=d.eval_micro_batch_size or cfg.deepspeed.micro_batch_size,
+        num_workers=d.num_workers, mode='epoch', seed=d.seed, rank=rank, world_size=world_size, transform=transform,
+        drop_last=False, interleave_shards=d.interleave_shards))
 
 
 class _BeatingLoader:
@@ -93,7 +93,7 @@ def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:
         if cfg.data.samples_per_epoch is None:
             raise ValueError('resampled mode without samples_per_epoch has no epochs; set schedule.total_steps')
         return max(cfg.data.samples_per_epoch // per_step, 1)
-    total = sum(s.samples for s in resolve_shards(_specs(cfg.data.train), need_counts=True))
+    total = sum(s.samples for s in resolve_shards(_specs(cfg.data.train, cfg.data.remote), need_counts=True))
     steps = total // per_step
     if steps < 1:
         raise ValueError(f'{total} training samples are fewer than one global batch ({per_step})')
