@@ -17,6 +17,13 @@ median over passes is reported. Usage::
 
 ``--upscale N`` adds rows for the same photos re-encoded at N times the size (JPEG q=90), i.e. larger sources as
 in unresized LAION/ImageNet originals.
+
+``--remote`` measures the whole loader instead (``build_loader``, resampled mode, ``--workers`` worker processes,
+the same transform): images/s reading the same shards from local files and from a ThreadingHTTPServer on loopback
+(tests/shard_server.py, Range support) in this process, passes alternating, median reported (timed from the first
+batch on)::
+
+    python benchmarks/data.py --remote [--workers 2] [--passes 7] [--samples 256]
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from data_pipelines.decode import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit  # noqa: E402
+from data_pipelines.loader import SourceSpec, build_loader  # noqa: E402
 from data_pipelines.transforms import build_train_transform  # noqa: E402
 
 CC12M_TAR = os.path.join(REPO_ROOT, "..", "shared", "data", "real", "cc12m-train-0000.tar")
@@ -102,12 +110,68 @@ def measure(jpegs: list[bytes], passes: int) -> dict[str, float]:
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
+def loader_images_per_second(urls: list[str], *, workers: int, samples: int) -> float:
+    """One pass of ``samples`` images through the loader -> images/s after the first batch (worker start excluded:
+    it is the same for both sources and would hide the reading)."""
+    loader = build_loader(SourceSpec("cc12m", urls), batch_size=16, num_workers=workers, mode="resampled", seed=0,
+                          samples_per_epoch=samples, transform=build_train_transform(224, color_jitter=None))
+    batches = iter(loader)
+    next(batches)
+    start = time.perf_counter()
+    n_images = sum(len(batch["key"]) for batch in batches)
+    return n_images / (time.perf_counter() - start)
+
+
+def measure_remote(args: argparse.Namespace) -> None:
+    """Local files against loopback HTTP, the same shards, passes alternating."""
+    import tempfile
+
+    from data_pipelines.writers import WriteOptions, list_webdataset, write_shards
+    from tests.shard_server import ShardServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        samples, _ = list_webdataset(CC12M_TAR)
+        write_shards(samples, tmp, WriteOptions(samples_per_shard=8, progress=False, prefix="cc12m"),
+                     kind="img2dataset", input_desc=CC12M_TAR)
+        names = sorted(n for n in os.listdir(tmp) if n.endswith(".tar"))
+        with ShardServer(tmp) as server:
+            sources = {"local files": [os.path.join(tmp, n) for n in names],
+                       "HTTP on loopback": [server.url(n) for n in names]}
+            for urls in sources.values():  # warm-up: page cache, forkserver start
+                loader_images_per_second(urls, workers=args.workers, samples=32)
+            rates: dict[str, list[float]] = {label: [] for label in sources}
+            for _ in range(args.passes):
+                for label, urls in sources.items():
+                    rates[label].append(loader_images_per_second(urls, workers=args.workers, samples=args.samples))
+            n_requests = len(server.requests)
+    medians = {label: statistics.median(r) for label, r in rates.items()}
+    ratio = medians["HTTP on loopback"] / medians["local files"]
+    env = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+           "torch": torch.__version__, "workers": args.workers, "samples_per_pass": args.samples,
+           "passes": args.passes, "http_requests": n_requests, "load_average": os.getloadavg()}
+    if args.json:
+        print(json.dumps({"env": env, "img_per_s": medians, "http_over_local": ratio}, indent=1))
+        return
+    print(f"env: {env}")
+    print("| shards read from | images/s (median) |")
+    print("|---|---|")
+    for label, rate in medians.items():
+        print(f"| {label} | {rate:.1f} |")
+    print(f"HTTP / local: {ratio:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--passes", type=int, default=15)
     parser.add_argument("--upscale", type=int, default=0, help="also measure photos re-encoded N times larger")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--remote", action="store_true", help="the loader from loopback HTTP against local files")
+    parser.add_argument("--workers", type=int, default=2, help="--remote: data-loader worker processes")
+    parser.add_argument("--samples", type=int, default=256, help="--remote: images per pass")
     args = parser.parse_args()
+    if args.remote:
+        measure_remote(args)
+        return
     torch.set_num_threads(1)  # one data-loader worker = one core
     random.seed(0)
     torch.manual_seed(0)
