@@ -193,6 +193,26 @@ def test_exact_resume_mid_shard_on_http_shards(shard_dir, server, ranges):
     assert {r.status for r in server.requests if r.range_start is not None} == {206 if ranges else 200}
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_worker_processes_read_http_with_faults_and_resume_exactly(shard_dir, server):
+    """2 forkserver workers: the remote options travel with the dataset, drops are retried inside the workers, and
+    the per-worker states resume mid-shard with Range requests to the same samples."""
+    server.drop(150_000, times=2)
+    urls = [server.url(n) for n in NAMES]
+    whole = collect(make_loader(urls, shard_dir, batch_size=2, num_workers=2))
+    assert same_batches(whole, local_reference(shard_dir, batch_size=2, num_workers=2))
+    assert sum(r.range_start is not None for r in server.requests) == 2
+    first = make_loader(urls, shard_dir, batch_size=2, num_workers=2)
+    head = collect(first, 5)
+    state = first.state_dict()
+    server.requests.clear()
+    resumed = make_loader(urls, shard_dir, batch_size=2, num_workers=2)
+    resumed.load_state_dict(state)
+    assert same_batches(head + collect(resumed), whole) and resumed.skip_counts() == {}
+    assert any(r.status == 206 for r in server.requests)
+
+
 def test_exact_resume_mid_shard_through_pipe_curl(shard_dir, server):
     """pipe: cannot seek: the resumed run re-reads each open shard and skips the consumed samples."""
     urls = [f"pipe:curl -s --fail {server.url(n)}" for n in NAMES]
