@@ -149,14 +149,14 @@ def check_shards(urls: str, *, img_size: int = 224, require_caption: bool = Fals
     timeout, a connection lost after the retries) is left out of the decode pass and counted once under its reason;
     a truncated one is decoded up to the break (the loader counts ``truncated_tar``). Returns {"good": N,
     "skipped": {reason: n}, "skipped_shards": [{"url", "reason", "detail"}]} (the shards left out or cut short)."""
-    from data_pipelines.errors import TRUNCATED_TAR
+    from data_pipelines.errors import TRUNCATED_TAR, SkipCounter
     from data_pipelines.loader import SourceSpec, build_loader
     from data_pipelines.tario import expand_urls, scan_shard
     from data_pipelines.transforms import build_train_transform
 
     readable: list[str] = []
     skipped_shards: list[dict] = []
-    left_out: dict[str, int] = {}
+    left_out = SkipCounter()  # the shards kept out of the decode pass, counted and logged like the loader's skips
     for url in expand_urls(urls):
         _, problem = scan_shard(url, remote)
         if problem is not None:
@@ -164,8 +164,8 @@ def check_shards(urls: str, *, img_size: int = 224, require_caption: bool = Fals
         if problem is None or problem.reason == TRUNCATED_TAR:
             readable.append(url)
         else:
-            left_out[problem.reason] = left_out.get(problem.reason, 0) + 1
-    good, skipped = 0, dict(left_out)
+            left_out.skip(problem, shard=url, key=None)
+    good, skipped = 0, left_out.state_dict()
     if readable:
         loader = build_loader(SourceSpec("check", readable, remote=remote), batch_size=1,
                               num_workers=min(num_workers, len(readable)), mode="epoch",
