@@ -127,6 +127,57 @@ def test_cpu_kernel_non_contiguous(cpu_kernel):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+# Large enough that the forward splits its positions across threads (grain about 2048 multiply-adds per task); the
+# backward owns (image, group) slices, except THREAD_CASES["one_slice"], whose single slice at 2 threads is split
+# into position chunks with a private grad_input each.
+THREAD_CASES = {
+    "slices8": (2, 20, 19, 4, 16, 3, 1, 1, 1, 1.0, False, 2.0),
+    "slices3_mixed": (1, 24, 23, 3, 8, 3, 2, 2, 2, 2.0, True, 3.0),
+    "one_slice": (1, 21, 22, 1, 16, 3, 1, 1, 1, 1.0, False, 2.0),
+}
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", sorted(THREAD_CASES))
+def test_cpu_kernel_threads_agree_with_each_other_and_the_reference(cpu_kernel, restore_threads, name):
+    """The parallel forward and backward at 1 and 2 threads: float64 values and all gradients match the reference,
+    and match each other bit for bit wherever each thread owns whole (image, group) slices."""
+    tensors, args = make_inputs(THREAD_CASES[name])
+    ref_out, ref_grads = forward_backward(dcnv3_core_pytorch, tensors, args)
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results[threads] = forward_backward(dcnv3_core, tensors, args, backend="cpu")
+        out, grads = results[threads]
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+        for got, want, what in zip(grads, ref_grads, ("input", "offset", "mask")):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9,
+                                       msg=lambda m, w=what, t=threads: f"{t} threads, grad {w}: {m}")
+    (out1, grads1), (out2, grads2) = results[1], results[2]
+    assert torch.equal(out1, out2)  # each output element is written by one thread
+    assert torch.equal(grads1[1], grads2[1]) and torch.equal(grads1[2], grads2[2])  # per (position, group, point)
+    if name == "one_slice":  # chunk partial sums: deterministic for a thread count, rounded differently across
+        torch.testing.assert_close(grads2[0], grads1[0], rtol=1e-13, atol=1e-13)
+        torch.set_num_threads(2)
+        assert torch.equal(forward_backward(dcnv3_core, tensors, args, backend="cpu")[1][0], grads2[0])
+    else:
+        assert torch.equal(grads1[0], grads2[0])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernel_gradcheck_threads(cpu_kernel, restore_threads, threads):
+    """fp64 gradcheck of both backward strategies: slices owned per thread, and one slice split into chunks."""
+    torch.set_num_threads(threads)
+    tensors, args = make_inputs((1, 6, 7, 1, 3, 3, 1, 1, 1, 1.0, False, 2.0), off_grid=True)
+    assert torch.autograd.gradcheck(lambda *t: dcnv3_core(*t, *args, backend="cpu"), tensors, eps=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["pytorch", "cpu"])
 def test_bad_arguments_name_the_problem(cpu_kernel, backend):
     tensors, args = make_inputs(SHAPES["base"])

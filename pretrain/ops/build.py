@@ -78,17 +78,28 @@ def _content_copy(sources: list[Path], fingerprint: str) -> tuple[list[Path], Pa
     return [dest / s.name for s in sources], dest
 
 
+def _cflags(name: str, cuda: bool) -> list[str]:
+    """Host compiler flags. The CPU kernel needs -fopenmp: torch's at::parallel_for is an inline OpenMP region that
+    compiles to a serial loop without it. The extension then links libgomp.so.1, which resolves to the copy torch
+    has already loaded, so torch.set_num_threads governs both."""
+    if cuda:
+        return ["-O3", "-fopenmp-simd"]
+    return ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if name.endswith("_avx2") else [])
+
+
+def _ldflags(cuda: bool) -> list[str]:
+    return [] if cuda else ["-fopenmp"]
+
+
 def _build(name: str, sources: list[Path], cuda: bool, fingerprint: str) -> ModuleType:
     from torch.utils import cpp_extension
 
     sources, src_dir = _content_copy(sources, fingerprint)
     build_dir = cache_root() / name / fingerprint
     build_dir.mkdir(parents=True, exist_ok=True)
-    cflags = ["-O3", "-fopenmp-simd"]
-    if not cuda and name.endswith("_avx2"):
-        cflags += ["-mavx2", "-mfma", "-mf16c"]
     kwargs: dict = dict(
-        name=name, sources=[str(s) for s in sources], extra_cflags=cflags, extra_include_paths=[str(src_dir)],
+        name=name, sources=[str(s) for s in sources], extra_cflags=_cflags(name, cuda),
+        extra_ldflags=_ldflags(cuda), extra_include_paths=[str(src_dir)],
         build_directory=str(build_dir), verbose=os.environ.get("DCNV3_VERBOSE_BUILD") == "1",
     )
     if cuda:
@@ -111,9 +122,11 @@ def _build(name: str, sources: list[Path], cuda: bool, fingerprint: str) -> Modu
     return cpp_extension.load(**kwargs)
 
 
-def _fingerprint(name: str, sources: list[Path]) -> str:
-    """What a build depends on: sources and headers, the extension's name (ISA / architectures) and torch."""
-    digest = hashlib.sha256(f"{name}|{torch.__version__}|{sys.version_info[:2]}".encode())
+def _fingerprint(name: str, sources: list[Path], cuda: bool) -> str:
+    """What a build depends on: sources and headers, the extension's name (ISA / architectures), compiler flags and
+    torch."""
+    flags = _cflags(name, cuda) + _ldflags(cuda)
+    digest = hashlib.sha256(f"{name}|{torch.__version__}|{sys.version_info[:2]}|{flags}".encode())
     for path in sorted(set(sources) | set(CSRC.glob("*.h"))):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
@@ -131,7 +144,7 @@ def _load(name: str, sources: list[Path], cuda: bool, force: bool = False) -> Mo
             return None
         # A failed build is remembered beside it, so that every later process (each rank, each test) does not spend
         # minutes failing again; changed sources (another fingerprint) or `python -m pretrain ops build` try again.
-        fingerprint = _fingerprint(name, sources)
+        fingerprint = _fingerprint(name, sources, cuda)
         marker = cache_root() / name / fingerprint / "BUILD_FAILED.json"
         if not force and marker.is_file():
             try:
