@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -18,7 +19,7 @@ import torch
 
 from data_pipelines import cli
 from data_pipelines.loader import SourceSpec, _iterator_states, build_loader
-from data_pipelines.tario import RemoteOptions, count_tar_samples, iter_tar_samples, split_key_ext
+from data_pipelines.tario import RemoteOptions, count_tar_samples, iter_tar_samples, scan_shard, split_key_ext
 from data_pipelines.transforms import build_train_transform
 from data_pipelines.writers import WriteOptions, list_webdataset, write_shards
 from tests.data_helpers import CC12M_TAR, REPO_ROOT
@@ -156,6 +157,15 @@ def test_a_stalled_server_times_out_instead_of_hanging(shard_dir, server):
     assert loader.skip_counts() == {"shard_timeout": 1}
     assert elapsed_s < 10, f"{elapsed_s:.1f} s: (retries + 1) x timeout_s is 0.6 s, plus decoding"
     assert len(server.requests) == 1 + remote.retries
+
+
+def test_a_server_that_is_down_is_retried_then_counted():
+    with socket.socket() as probe:  # a loopback port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/{NAMES[0]}"
+    n_samples, problem = scan_shard(url, RemoteOptions(timeout_s=1.0, retries=2, backoff_s=0.01))
+    assert n_samples == 0 and problem.reason == "shard_connection_lost"
+    assert url in problem.detail and "3 failures in a row" in problem.detail
 
 
 def test_a_stalled_pipe_command_times_out(tmp_path):
