@@ -669,6 +669,9 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
         fail('run.collective_timeout_min', 'must be > 0 (minutes)')
     if cfg.run.watchdog_min < 0:
         fail('run.watchdog_min', 'must be >= 0 (minutes; 0 turns the watchdog off)')
+    if 0 < cfg.run.collective_timeout_min <= cfg.run.watchdog_min:
+        fail('run.watchdog_min', f'must be below run.collective_timeout_min ({cfg.run.collective_timeout_min:g}): '
+             'the stuck rank dumps its stacks before the others time out (or 0 to turn the watchdog off)')
 
 
 def _validate_objective(cfg: TrainConfig, fail) -> None:

@@ -58,6 +58,17 @@ def test_a_failed_write_is_described_with_its_cause_and_the_free_space(tmp_path)
     assert 'MiB free of' in eio and '\n' not in eio
 
 
+def test_a_fresh_start_is_refused_where_an_earlier_run_left_checkpoints(tmp_path):
+    ckpt = CheckpointManager(str(tmp_path), keep_last=2, rank=0, world_size=1)
+    assert ckpt.plan_resume('none', 'error') is None  # nothing there: a fresh start
+    (tmp_path / 'step_00000003').mkdir()  # a partial folder (no marker) is not an earlier run's checkpoint
+    assert ckpt.plan_resume('none', 'error') is None
+    _commit(tmp_path, 5, world_size=1)
+    with pytest.raises(RuntimeError, match=r'checkpoint\.resume=none, but .* step 5.*checkpoint\.resume=auto'):
+        ckpt.plan_resume('none', 'error')
+    assert ckpt.plan_resume('auto', 'error').step == 5
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2 processes: the checkpointer and the lock alone (gloo, no model)
 

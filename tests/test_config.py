@@ -82,11 +82,20 @@ def test_wrong_type_names_file_and_key(tmp_path, text, key):
     ('checkpoint.keep_last=0', 'checkpoint.keep_last'),
     ('deepspeed.extra={bf16: {enabled: true}}', 'deepspeed.extra.bf16'),
     ('data.img_size=100', 'data.img_size'),
+    ('run.watchdog_min=10', 'run.watchdog_min'),  # not below collective_timeout_min (10): no stuck-rank dump
 ])
 def test_impossible_combinations_fail(tmp_path, override, key):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, MINIMAL), [override])
     assert key in str(e.value)
+
+
+def test_the_watchdog_fires_before_the_collective_timeout_or_is_off(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r'run\.watchdog_min.*below run\.collective_timeout_min \(0\.5\)'):
+        load_config(path, ['run.collective_timeout_min=0.5', 'run.watchdog_min=0.5'])
+    assert load_config(path, ['run.collective_timeout_min=0.5', 'run.watchdog_min=0.4']).run.watchdog_min == 0.4
+    assert load_config(path, ['run.collective_timeout_min=0.5', 'run.watchdog_min=0']).run.watchdog_min == 0
 
 
 def test_snip_needs_the_supervised_objective(tmp_path):

@@ -141,7 +141,7 @@ def _worker(out_dir: str) -> None:
             everyone = [None] * world
             dist.all_gather_object(everyone, digest)
             found['rank_disagreements'] += int(len(set(everyone)) != 1)
-        restored = DynamicSparsity(sparse.cfg, trainer)  # fresh masks, then the saved ones, as in a resume
+        restored = DynamicSparsity(sparse.cfg, trainer, draw=False)  # as in a resume: the saved masks only
         restored.load_state_dict(sparse.state_dict())
         found['restored_equal'] = all(torch.equal(restored.masks[n], m) for n, m in sparse.masks.items())
         found['updates'] = restored.updates

@@ -466,15 +466,14 @@ class CheckpointManager:
         """Collective. Decide before the engine is built (a universal load needs ``checkpoint.load_universal`` in its
         config). Rank 0 chooses and broadcasts; every rank then checks that it sees the chosen folder committed.
 
-        ``resume``: 'auto' = the newest complete checkpoint under root (None if there is none), 'none', or a step
-        folder. Raises (on every rank) if the folder is not complete, some rank does not see it, or the world size
-        changed and the policy is 'error'."""
-        if resume == 'none':
-            return None
+        ``resume``: 'auto' = the newest complete checkpoint under root (None if there is none), 'none' (a fresh
+        start: refused when root already holds a complete checkpoint, whose folder the new run's saves would mix
+        with), or a step folder. Raises (on every rank) if the folder is not complete, some rank does not see it,
+        the world size changed and the policy is 'error', or 'none' meets an earlier run's checkpoints."""
         choice: dict | None = None
         if self.rank == 0:
             try:
-                choice = self._choose(resume)
+                choice = self._refuse_fresh_start() if resume == 'none' else self._choose(resume)
             except (OSError, ValueError, KeyError) as e:
                 choice = {'error': f'{type(e).__name__}: {e}'}
         if dist.is_initialized() and self.world_size > 1:
@@ -483,6 +482,8 @@ class CheckpointManager:
             choice = box[0]
         if choice is None:
             return None
+        if 'refused' in choice:
+            raise RuntimeError(choice['refused'])
         if 'error' in choice:
             raise FileNotFoundError(f'resume ({resume}): rank 0: {choice["error"]}')
         step_dir = choice['step_dir'] if resume != 'auto' else self.step_dir(choice['step'])
@@ -513,6 +514,15 @@ class CheckpointManager:
         else:
             mode = on_world_size_change
         return ResumePlan(step_dir, step, mode, saved_world)
+
+    def _refuse_fresh_start(self) -> dict | None:
+        latest = self.latest_complete()
+        if latest is None:
+            return None
+        return {'refused': f'checkpoint.resume=none, but {self.root} already holds complete checkpoints (newest: step '
+                           f'{latest[0]}, {latest[1]}); this run\'s saves would mix with them. Continue that run '
+                           'with checkpoint.resume=auto, or start afresh in another run.output_dir (or remove '
+                           'the old checkpoints)'}
 
     def _choose(self, resume: str) -> dict | None:
         if resume == 'auto':

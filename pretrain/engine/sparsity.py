@@ -135,11 +135,13 @@ def prune_and_grow(mask: torch.Tensor, weight: torch.Tensor, rate: float, genera
 
 
 class DynamicSparsity:
-    """The callback. ``DynamicSparsity(cfg, trainer)`` draws masks and applies them at once; a resume then replaces
-    them through :meth:`load_state_dict` (the checkpointer calls it). ``after_step(trainer)`` masks the weights and,
-    every ``update_interval_steps`` steps, prunes and grows."""
+    """The callback. ``DynamicSparsity(cfg, trainer)`` draws masks and applies them at once. A resume passes
+    ``draw=False`` and restores them through :meth:`load_state_dict` (the checkpointer calls it), so SNIP's
+    forward+backward is not run for masks that are replaced at once; the trainer calls :meth:`draw` if the checkpoint
+    had none. ``after_step(trainer)`` masks the weights and, every ``update_interval_steps`` steps, prunes and
+    grows."""
 
-    def __init__(self, cfg: SparsityConfig, trainer, snip_batch: dict | None = None):
+    def __init__(self, cfg: SparsityConfig, trainer, snip_batch: dict | None = None, *, draw: bool = True):
         cfg.validate()
         self.cfg = cfg
         self.module = trainer.engine.module
@@ -149,9 +151,16 @@ class DynamicSparsity:
                        if p.requires_grad and (pattern.search(n) if pattern else len(_shape(p)) in (2, 4))}
         if not self.params:
             raise ValueError(f'sparsity: no parameter to mask (include={cfg.include!r})')
-        self.masks = self._initial_masks(trainer, snip_batch)
+        self.masks: dict[str, torch.Tensor] = {}
         self.updates = 0
         self._device_masks: dict[str, torch.Tensor] = {}
+        if draw:
+            self.draw(trainer, snip_batch)
+
+    def draw(self, trainer, snip_batch: dict | None = None) -> None:
+        """Draw the initial masks (``cfg.init``: SNIP, ERK or uniform) and apply them. Collective under SNIP."""
+        self.masks = self._initial_masks(trainer, snip_batch)
+        self._device_masks.clear()
         self.apply()
 
     def state_dict(self) -> dict:

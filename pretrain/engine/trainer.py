@@ -145,9 +145,9 @@ class Trainer:
                                      progress=cfg.logging.progress)
         self._nonfinite_in_a_row = 0
         self.sparsity = None
-        if cfg.sparsity.enabled:  # draws masks now; a resume replaces them with the saved ones
+        if cfg.sparsity.enabled:  # masks now, unless a resume brings them (SNIP is a whole forward+backward)
             from pretrain.engine.sparsity import DynamicSparsity
-            self.sparsity = DynamicSparsity(cfg.sparsity, self)
+            self.sparsity = DynamicSparsity(cfg.sparsity, self, draw=self.resume_plan is None)
             self.callbacks.append(self.sparsity)
         self._register_checkpoint_parts()
         self.resume_report: dict | None = None
@@ -156,6 +156,8 @@ class Trainer:
             self.log(f'resumed from {self.resume_plan.step_dir} at step {self.state.step} '
                      f'({self.resume_plan.mode}); not restored: {self.resume_report["not_restored"] or "nothing"}')
             self.metrics.log(self.state.step, {'resume': self.resume_report}, prefix='event')
+            if self.sparsity is not None and not self.sparsity.masks:  # a checkpoint saved without sparsity
+                self.sparsity.draw(self)
 
     def _register_checkpoint_parts(self) -> None:
         # Load order: the train state first (the loader and RNG parts read its step and epoch at another world size).
