@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             record_event(stage_dir, 'end', status='failed', exit_code=EXIT_CONFIG, error=str(e))
         return EXIT_CONFIG
-    log(f'code {Path(launch.__file__).parent.parent}, config {args.config}, output {cfg.run.output_dir}, '
+    # Which node each rank landed on, and its local rank: the first thing to read when a multi-node job misbehaves.
+    node = os.environ.get('SLURMD_NODENAME') or socket.gethostname()
+    log(f'rank {env.rank} of {env.world_size}, local rank {env.local_rank}, node {node}; '
+        f'code {Path(launch.__file__).parent.parent}, config {args.config}, output {cfg.run.output_dir}, '
         f'requeue signals {signals or "none"}, restart {preemption.restart_count()}, rendezvous '
         f'{env.master_addr}:{env.master_port} ({env.source})')
     return run_training(cfg, requeue_signals=signals, max_requeues=args.max_requeues, log=log,
