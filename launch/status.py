@@ -45,7 +45,7 @@ def _last_step(out_dir: Path) -> int | None:
 
 def _last_checkpoint(out_dir: Path) -> tuple[int, str] | None:
     """``(step, folder)`` of the newest committed checkpoint, by the engine's own folder names and commit marker."""
-    from pretrain.engine.checkpoint import find_complete_checkpoints
+    from pretrain.engine.folders import find_complete_checkpoints  # no torch: status stays quick
 
     found = find_complete_checkpoints(str(out_dir / 'checkpoints'))
     return found[-1] if found else None

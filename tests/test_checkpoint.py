@@ -69,6 +69,22 @@ def test_a_fresh_start_is_refused_where_an_earlier_run_left_checkpoints(tmp_path
     assert ckpt.plan_resume('auto', 'error').step == 5
 
 
+def test_launch_status_finds_the_newest_checkpoint_without_importing_torch(tmp_path):
+    """``launch status`` runs on login nodes, often in a loop: the folder layout is read without torch."""
+    out = tmp_path / 'run' / 'stages' / 'train' / 'out'
+    for step in (4, 8):
+        _commit(out / 'checkpoints', step)
+    (out / 'checkpoints' / 'step_00000012').mkdir()  # a save that did not finish
+    (tmp_path / 'run' / 'run.json').write_text(json.dumps({'name': 'r', 'mode': 'local', 'stages': [
+        {'name': 'train', 'job_ids': []}]}))
+    probe = ('import sys, json; from launch.run import open_run; from launch.status import collect; '
+             'row = collect(open_run(sys.argv[1]), query=False)[0]; '
+             'print(json.dumps([row["checkpoint_step"], "torch" in sys.modules]))')
+    r = subprocess.run([sys.executable, '-c', probe, str(tmp_path / 'run')], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [8, False], r.stdout + r.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2 processes: the checkpointer and the lock alone (gloo, no model)
 

@@ -52,13 +52,12 @@ import torch.distributed as dist
 from pretrain.common import dist as edist
 from pretrain.common.safe_load import check_folder, safe_load
 from pretrain.engine import watchdog
+from pretrain.engine.folders import MARKER, STEP_DIR, find_complete_checkpoints
 
 __all__ = ['CheckpointManager', 'CheckpointSaveError', 'ResumePlan', 'TrainState', 'LoaderPosition', 'RNGStreams',
            'average_files', 'find_complete_checkpoints', 'load_average', 'rng_state', 'set_rng_state',
            'DEBUG_SAVE_PAUSE_ENV', 'SCOPES']
 
-MARKER = 'COMPLETE'
-STEP_DIR = re.compile(r'^step_(\d{8})$')
 UNIVERSAL_SUFFIX = '.universal'
 # Tests only: 'STEP:SECONDS' sleeps inside the save of STEP after the rank files are written and before the commit,
 # so that a test can kill -9 the run mid-save.
@@ -199,18 +198,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def find_complete_checkpoints(root: str) -> list[tuple[int, str]]:
-    """``[(step, folder)]`` of committed checkpoints under ``root``, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        m = STEP_DIR.match(name)
-        if m and os.path.isfile(os.path.join(root, name, MARKER)):
-            found.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(found)
 
 
 def _average_file(name: str, rank: int) -> str:
