@@ -5,10 +5,13 @@
   sbatch  CONFIG.yaml [--submit]                 write plain batch scripts (stage or cascade); --submit runs sbatch
   status  RUN [--json] [--wait S] [--plot]       each stage's job, state, step, last checkpoint and why it waits;
                                                --plot: learning_curves.png
-  check   CONFIG.yaml                            validate a stage or cascade file and its training configs
+  check   CONFIG.yaml                            validate a stage or cascade file, its training configs and the
+                                               paths its jobs read
 
 Every config is validated (launch keys and the training config) before anything is submitted; errors name the file
-and key. A run folder is made under runs_root (default runs/launch): see launch/run.py and docs/LAUNCH.md.
+and key. Every local path a job reads (shards, init weights, class index and names, manifests) must exist as the job
+sees it (relative to the directory you submit from, where the job runs); a missing one names the stage and key.
+A run folder is made under runs_root (default runs/launch): see launch/run.py and docs/LAUNCH.md.
 """
 from __future__ import annotations
 
@@ -96,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == 'cascade':
             return _launch(args, 'cascade')
         if args.command == 'check':
+            from pathlib import Path
+
+            from launch.run import check_job_paths
             spec = _load(args.config, 'any')
+            check_job_paths(spec, Path.cwd())  # as submit would: the paths each job reads, from here
             print(f'{args.config}: OK ({len(spec.stages)} stage(s): {", ".join(s.name for s in spec.stages)})')
             return 0
         if args.command == 'sbatch':

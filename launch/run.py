@@ -7,7 +7,8 @@ Layout::
         code/                      snapshot of pretrain/ data_pipelines/ launch/ configs/ taken at submission
         stages/<stage>/
             launch.yaml            the stage's resolved launch spec (resources, train config, overrides)
-            train_config.yaml      the resolved training config (as the worker will load it, init path aside)
+            train_config.yaml      the resolved training config: what every rank of the stage reads (the cascade's
+                                   init weights aside), wherever the submitted file sat
             job.sbatch             the batch script (sbatch mode)
             logs/                  each rank's stdout/stderr (Submitit: <job>_<rank>_log.out/.err; sbatch and local:
                                    <job>_<rank>.out/.err), Submitit's pickles
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -28,9 +30,9 @@ from pathlib import Path
 
 import yaml
 
-from launch.config import CascadeSpec, StageSpec, to_dict
+from launch.config import CascadeSpec, LaunchConfigError, StageSpec, to_dict
 
-__all__ = ['Run', 'create_run', 'open_run', 'SNAPSHOT_DIRS', 'REPO_ROOT']
+__all__ = ['Run', 'create_run', 'open_run', 'check_job_paths', 'job_paths', 'SNAPSHOT_DIRS', 'REPO_ROOT']
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # csrc/ is copied too: the DCNv3 build cache is keyed by the sources' content, so a snapshot reuses the extension
@@ -38,6 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT_DIRS = ('pretrain', 'data_pipelines', 'launch', 'configs', 'csrc')
 DCNV3_CSRC = REPO_ROOT / 'csrc' / 'dcnv3'
 _IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc', '.pytest_cache', '*.egg-info')
+# URLs the loader fetches itself (pipe: commands, http(s)://, s3:// ...): not checked at submission.
+_REMOTE_URL = re.compile(r'^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)')
 
 
 @dataclass
@@ -98,11 +102,75 @@ def _snapshot(dest: Path, source: Path) -> None:
             shutil.copytree(source / d, dest / d, ignore=_IGNORE, symlinks=True)
 
 
+def job_paths(cfg, *, init_from_by_launch: bool = False) -> list[tuple[str, str, str]]:
+    """The local paths a training job with config ``cfg`` (a TrainConfig) reads, as ``(dotted key, what, path)``:
+    each shard pattern's first and last URL after brace expansion (``::``-joined patterns each), manifests,
+    ``model.init_from`` (unless ``init_from_by_launch``: a cascade stage gets its predecessor's weights),
+    ``model.head_index``, the zero-shot class names and a ``checkpoint.resume`` folder. Remote URLs (``pipe:``,
+    ``http(s)://``, ...) are left out; ``deepspeed.nvme_path`` too (node-local scratch need not exist where one
+    submits). Paths are as written: relative ones are relative to the job's working directory."""
+    from data_pipelines.tario import expand_urls
+    from pretrain.config import OPEN_CLIP_IMAGENET
+
+    out: list[tuple[str, str, str]] = []
+
+    def local(key: str, what: str, url: str | None) -> None:
+        if url and not _REMOTE_URL.match(url):
+            out.append((key, what, url[len('file:'):] if url.startswith('file:') else url))
+
+    for part in ('train', 'val'):
+        for i, src in enumerate(getattr(cfg.data, part)):
+            key = f'data.{part}[{i}]'
+            for pattern in src.urls.split('::'):
+                urls = expand_urls(pattern)
+                if urls:
+                    local(f'{key}.urls', 'first shard', urls[0])
+                if len(urls) > 1:
+                    local(f'{key}.urls', 'last shard', urls[-1])
+            local(f'{key}.manifest', 'manifest', src.manifest)
+    if not init_from_by_launch:
+        local('model.init_from', 'init weights', cfg.model.init_from)
+    local('model.head_index', 'head class index', cfg.model.head_index)
+    z = cfg.objective.zero_shot
+    if z.enabled and z.classnames != OPEN_CLIP_IMAGENET:  # validation: only with the text tower
+        local('objective.zero_shot.classnames', 'class names', z.classnames)
+    if cfg.checkpoint.resume not in ('auto', 'none'):
+        local('checkpoint.resume', 'resume checkpoint', cfg.checkpoint.resume)
+    return out
+
+
+def check_job_paths(spec: CascadeSpec, workdir: str | Path) -> dict:
+    """Load every stage's training config and check that each path its job reads (:func:`job_paths`) exists, relative
+    paths resolved against ``workdir`` (the job's working directory). Returns ``{stage name: TrainConfig}``; raises
+    LaunchConfigError listing every missing path with its stage and key, before anything is made or submitted."""
+    from pretrain.config import ConfigError, load_config
+
+    workdir = Path(workdir)
+    cfgs, missing = {}, []
+    for st in spec.stages:
+        try:
+            cfgs[st.name] = cfg = load_config(st.train_config, list(st.overrides))
+        except ConfigError as e:
+            raise LaunchConfigError(f'stage {st.name!r}: {e}') from e
+        for key, what, path in job_paths(cfg, init_from_by_launch=st.init_from is not None):
+            if not (workdir / path).exists():
+                missing.append(f'stage {st.name!r}: {key}: {what} {path} does not exist'
+                               + ('' if Path(path).is_absolute() else f' (relative to the job\'s directory {workdir})'))
+    if missing:
+        raise LaunchConfigError('paths the job would read are missing; nothing was submitted:\n  '
+                                + '\n  '.join(missing))
+    return cfgs
+
+
 def create_run(spec: CascadeSpec, mode: str, kind: str, snapshot: bool = True) -> Run:
     """Make the run folder for ``spec`` (stages, resolved configs, code snapshot). ``mode``: slurm / local / sbatch;
-    ``kind``: stage / cascade. Without ``snapshot`` the stages run the repository's code as it is at run time."""
-    from pretrain.config import config_to_dict, load_config
+    ``kind``: stage / cascade. Without ``snapshot`` the stages run the repository's code as it is at run time.
+    Every path a job reads is checked first (:func:`check_job_paths`, LaunchConfigError); each stage's job reads
+    the resolved training config written into its stage folder, wherever the submitted file was."""
+    from pretrain.config import config_to_dict
 
+    workdir = Path.cwd().resolve()
+    cfgs = check_job_paths(spec, workdir)
     runs_root = Path(spec.runs_root).resolve()
     stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
     root = runs_root / f'{spec.name}-{stamp}'
@@ -116,24 +184,19 @@ def create_run(spec: CascadeSpec, mode: str, kind: str, snapshot: bool = True) -
         _snapshot(code_dir, REPO_ROOT)
     else:
         code_dir = REPO_ROOT
-    workdir = Path.cwd().resolve()
     stages = []
     for st in spec.stages:
         sdir = root / 'stages' / st.name
         (sdir / 'logs').mkdir(parents=True)
         (sdir / 'launch.yaml').write_text(yaml.safe_dump(to_dict(st), sort_keys=False))
-        cfg = load_config(st.train_config, list(st.overrides) + [f'run.output_dir={sdir / "out"}'])
-        (sdir / 'train_config.yaml').write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        # The worker reads the training config from the snapshot, so that later edits do not change a requeued job.
-        train_config = Path(st.train_config).resolve()
-        if snapshot and train_config.is_relative_to(REPO_ROOT):
-            train_config = code_dir / train_config.relative_to(REPO_ROOT)
-        elif snapshot:
-            copied = sdir / ('train_' + train_config.name)
-            shutil.copy2(train_config, copied)
-            train_config = copied
+        cfg = cfgs[st.name]
+        cfg.run.output_dir = str(sdir / 'out')
+        # The job reads this copy, not the submitted file: that may sit where the snapshot does not reach (runs/,
+        # experiments/), and later edits must not change a requeued job.
+        train_config = sdir / 'train_config.yaml'
+        train_config.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         stages.append({'name': st.name, 'init_from': st.init_from, 'train_config': str(train_config),
-                       'job_ids': [], 'dependency': None})
+                       'submitted_config': str(Path(st.train_config).resolve()), 'job_ids': [], 'dependency': None})
     meta = {'name': spec.name, 'kind': kind, 'mode': mode, 'created': time.time(), 'code_dir': str(code_dir),
             'snapshot': snapshot, 'dcnv3_csrc': str(code_dir / 'csrc' / 'dcnv3'), 'workdir': str(workdir),
             'python': sys.executable, 'stages': stages}

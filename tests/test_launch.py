@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,13 +102,14 @@ def test_check_command_fails_before_submitting(tmp_path):
     assert not (tmp_path / 'runs').exists()  # nothing made, nothing submitted
 
 
-def test_sbatch_script_text(tmp_path):
+def test_sbatch_script_text(tmp_path, tiny_shards):
     from launch.config import CascadeSpec
     from launch.run import create_run
     from launch.slurm import sbatch_script
 
     path = write(tmp_path, 's.yaml', {
         'name': 'big', 'train_config': TRAIN, 'runs_root': str(tmp_path / 'runs'),
+        'overrides': shard_overrides(f'{tiny_shards}/shard-{{000000..000003}}.tar'),
         'resources': {'nodes': 4, 'tasks_per_node': 8, 'gpus_per_node': 8, 'cpus_per_task': 12, 'mem_gb': 480,
                       'timeout_min': 2880, 'partition': 'gpu', 'account': 'vision', 'qos': 'high',
                       'constraint': 'h100', 'exclusive': True, 'sbatch_args': {'mail-type': 'END', 'reservation': 'r1'},
@@ -207,3 +209,112 @@ def test_local_mode_restarts_after_usr2_and_completes(tmp_path, real_data):
     assert 3 <= saved_at < 40 and Path(ev[1]['checkpoint'], 'COMPLETE').is_file()
     assert ev[2]['restart_count'] == 1 and ev[3]['step'] == 40
     assert f'resumed from {ev[1]["checkpoint"]} at step {saved_at}' in (stage / 'logs' / 'local_0.out').read_text()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# submit time: the config the job reads, and the paths it reads
+
+
+@pytest.fixture
+def tiny_shards(tmp_path, real_data) -> Path:
+    """4 shards of 8 real photos each (our writer's layout) in ``tmp_path/shards``."""
+    from tests.data_helpers import write_photo_shards
+    out = tmp_path / 'shards'
+    write_photo_shards(real_data, out, count=32, per_shard=8, prefix='shard')
+    return out
+
+
+def shard_overrides(urls: str) -> list[str]:
+    return [f'data.train=[{{name: t, urls: "{urls}"}}]', 'data.val=[]']
+
+
+@pytest.mark.parametrize('where', ['configs', 'runs', 'experiments_outside_repo'])
+def test_job_reads_the_resolved_config_wherever_it_sat(where, tmp_path, tiny_shards):
+    """A training config inside the snapshotted folders, inside the repository but outside them (runs/, which the
+    snapshot leaves out) or outside the repository: the job reads the resolved copy in its stage folder, which
+    loads to the submitted config with its overrides, also after the submitted file is gone."""
+    from launch.run import create_run
+    from pretrain.config import load_config
+
+    text = (REPO_ROOT / TRAIN).read_text()
+    if where == 'configs':
+        src = REPO_ROOT / TRAIN
+    else:
+        folder = (REPO_ROOT / 'runs' / f'test_launch_{tmp_path.name}' if where == 'runs'
+                  else tmp_path / 'experiments')
+        folder.mkdir(parents=True)
+        src = folder / 'train.yaml'
+        src.write_text(text)
+    overrides = shard_overrides(f'{tiny_shards}/shard-{{000000..000003}}.tar') + ['optim.lr_base=3.0e-4']
+    path = write(tmp_path, 's.yaml', {'name': 'st', 'train_config': str(src), 'overrides': overrides,
+                                      'runs_root': str(tmp_path / 'runs')})
+    try:
+        run = create_run(load_any(path), 'sbatch', 'stage')
+        expected = load_config(src, overrides + [f'run.output_dir={run.stage_dir("st") / "out"}'])
+        argv = run.worker_argv('st')
+    finally:
+        if where != 'configs':
+            shutil.rmtree(src.parent)
+    config = Path(run.stage_meta('st')['train_config'])
+    assert config == run.stage_dir('st') / 'train_config.yaml' and str(config) in argv
+    assert run.stage_meta('st')['submitted_config'] == str(src)
+    if where != 'configs':
+        assert not src.exists()  # the job does not need it
+        assert not (run.code_dir / 'runs').exists()  # the snapshot stays code and configs/
+    # what the worker does with its arguments: the resolved copy plus the overrides once more
+    job_cfg = load_config(argv[argv.index(str(config))], argv[argv.index(str(config)) + 1:])
+    assert job_cfg == expected and job_cfg.optim.lr_base == 3.0e-4
+
+
+def _submit_error(args: list[str], capsys) -> str:
+    from launch.__main__ import main
+    assert main(args) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize('command', [['submit', '--local'], ['sbatch'], ['sbatch', '--submit'],
+                                     ['cascade', '--local'], ['check']])
+def test_missing_paths_fail_at_submit_naming_stage_key_and_path(command, tmp_path, tiny_shards, capsys):
+    """Every mode refuses before making a run folder: the last shard of a pattern, a manifest, init weights and the
+    head index that the job would not find are each named with their stage and key."""
+    urls = f'{tiny_shards}/shard-{{000000..000004}}.tar'  # 000004 does not exist; the first one does
+    overrides = shard_overrides(urls) + ['model.init_from=weights/nope.pt', f'model.head_index={tmp_path}/idx.txt']
+    stage = {'name': 'stg', 'train_config': TRAIN, 'overrides': overrides}
+    if command[0] == 'cascade':
+        ok = {'name': 'ok', 'train_config': TRAIN, 'overrides': shard_overrides(f'{tiny_shards}/shard-000000.tar')}
+        # the second stage's init weights come from the first: not checked; the rest is
+        spec = {'name': 'c', 'runs_root': str(tmp_path / 'runs'), 'stages': [ok, stage]}
+    else:
+        spec = {**stage, 'runs_root': str(tmp_path / 'runs')}
+    path = write(tmp_path, 'spec.yaml', spec)
+    err = _submit_error([command[0], str(path), *command[1:]], capsys)
+    assert f"stage 'stg': data.train[0].urls: last shard {tiny_shards}/shard-000004.tar does not exist" in err, err
+    assert 'first shard' not in err
+    assert f"stage 'stg': model.head_index: head class index {tmp_path}/idx.txt does not exist" in err, err
+    if command[0] == 'cascade':
+        assert 'model.init_from' not in err, err
+    else:
+        assert (f"stage 'stg': model.init_from: init weights weights/nope.pt does not exist (relative to the job's "
+                f"directory {REPO_ROOT})") in err, err
+    assert not (tmp_path / 'runs').exists()  # nothing made, nothing submitted
+
+
+def test_paths_resolve_from_the_jobs_directory_and_remote_urls_pass(tmp_path, tiny_shards, monkeypatch):
+    """Relative shard paths are resolved against the directory the job runs in (where one submits); http(s) and
+    pipe: URLs are the loader's business; a manifest given as a folder counts."""
+    from launch.run import check_job_paths, create_run
+
+    monkeypatch.chdir(tmp_path)
+    cfg_path = REPO_ROOT / TRAIN
+    sources = ('[{name: local, urls: "shards/shard-{000000..000003}.tar", manifest: shards},'
+               ' {name: web, urls: "https://example.invalid/s-{000..009}.tar::pipe:curl -s http://x/{0..3}.tar"},'
+               ' {name: file, urls: "file:shards/shard-000001.tar"}]')
+    spec = load_any(write(tmp_path, 's.yaml', {'name': 'rel', 'train_config': str(cfg_path),
+                                               'overrides': [f'data.train={sources}', 'data.val=[]'],
+                                               'runs_root': 'runs'}))
+    assert set(check_job_paths(spec, tmp_path)) == {'rel'}
+    with pytest.raises(LaunchConfigError, match=r"data.train\[0\].urls: first shard shards/shard-000000.tar does not "
+                                                r"exist \(relative to the job's directory /"):
+        check_job_paths(spec, REPO_ROOT)  # the same config seen from another directory
+    run = create_run(spec, 'sbatch', 'stage')
+    assert run.workdir == tmp_path.resolve()

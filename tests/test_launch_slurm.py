@@ -162,8 +162,8 @@ def test_cascade_two_stages_afterok_init_from_predecessor(slurm_cluster, shards,
 
 
 def test_failing_stage_blocks_dependent_and_status_says_why(slurm_cluster, shards, tmp_path, jobs_to_cancel):  # noqa: F811
-    bad = fast_overrides(shards, 2, 2)
-    bad[0] = 'data.train=[{name: missing, urls: "/nonexistent/shard-{000000..000001}.tar"}]'
+    # A model that does not exist fails on the cluster (a missing path would be refused at submission).
+    bad = fast_overrides(shards, 2, 2) + ['model.name=internimage_nonexistent']
     cfg = write_yaml(tmp_path / 'cascade.yaml', {
         'name': 'failing', 'runs_root': str(tmp_path / 'runs'), 'resources': RESOURCES,
         'stages': [{'name': 'broken', 'train_config': TRAIN_CONFIG, 'overrides': bad},
@@ -180,7 +180,35 @@ def test_failing_stage_blocks_dependent_and_status_says_why(slurm_cluster, shard
     assert not (run / 'stages' / 'after' / 'events.jsonl').exists()  # it never ran
     text = launch('status', str(run)).stdout
     assert 'will never start' in text and "stage 'broken'" in text and 'ended FAILED' in text, text
-    assert '/nonexistent' in after['why'], after['why']  # the predecessor's error is quoted
+    assert 'internimage_nonexistent' in after['why'], after['why']  # the predecessor's error is quoted
+
+
+def test_stage_with_config_outside_snapshot_folders_runs(slurm_cluster, shards, tmp_path, jobs_to_cancel):  # noqa: F811
+    """The bug this guards: a training config inside the repository but outside the snapshotted folders (runs/, where
+    users keep experiments) was mapped into code/, where it did not exist, and the job failed at start. The job reads
+    the resolved copy in its stage folder: it completes even though the submitted file is gone by then."""
+    folder = REPO_ROOT / 'runs' / f'test_experiments_{tmp_path.name}'
+    folder.mkdir(parents=True)
+    try:
+        train = folder / 'train.yaml'
+        train.write_text((REPO_ROOT / TRAIN_CONFIG).read_text())
+        cfg = write_yaml(tmp_path / 'stage.yaml', {
+            'name': 'outside', 'train_config': str(train.relative_to(REPO_ROOT)),
+            'overrides': fast_overrides(shards, 2, 2), 'runs_root': str(tmp_path / 'runs'),
+            'resources': {**RESOURCES, 'tasks_per_node': 1}})
+        r = launch('submit', str(cfg))
+    finally:
+        import shutil
+        shutil.rmtree(folder)
+    assert r.returncode == 0, r.stderr
+    run = run_folder(r.stdout)
+    meta = json.loads((run / 'run.json').read_text())
+    jobs_to_cancel.append(meta['stages'][0]['job_ids'][0])
+    stage = run / 'stages' / 'outside'
+    assert meta['stages'][0]['train_config'] == str(stage / 'train_config.yaml')
+    rows = wait_finished(run, 420)
+    assert rows[0]['state'] == 'COMPLETED' and rows[0]['step'] == 2, logs_tail(stage)
+    assert f'config {stage / "train_config.yaml"}' in logs_tail(stage)
 
 
 @pytest.fixture(scope='module')

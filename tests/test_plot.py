@@ -32,12 +32,14 @@ def log_stage(out_dir: Path, steps: int, parts: list[str], eval_key: str, accura
 
 
 @pytest.fixture
-def two_stage_run(tmp_path, monkeypatch):
+def two_stage_run(tmp_path, monkeypatch, real_data):
     monkeypatch.chdir(REPO_ROOT)
     cascade = tmp_path / 'c.yaml'
+    # a shard that exists: submission checks the paths a job would read (nothing is trained here)
+    data = [f'data.train=[{{name: t, urls: "{real_data / "cc12m-train-0000.tar"}"}}]', 'data.val=[]']
     cascade.write_text(yaml.safe_dump({'name': 'plot', 'runs_root': str(tmp_path / 'runs'), 'stages': [
-        {'name': 'pretrain', 'train_config': 'configs/stage/supervised_tiny.yaml'},
-        {'name': 'finetune', 'train_config': 'configs/stage/supervised_tiny.yaml'}]}))
+        {'name': 'pretrain', 'train_config': 'configs/stage/supervised_tiny.yaml', 'overrides': data},
+        {'name': 'finetune', 'train_config': 'configs/stage/supervised_tiny.yaml', 'overrides': data}]}))
     run = create_run(load_cascade(cascade), 'local', 'cascade', snapshot=False)
     log_stage(run.stage_dir('pretrain') / 'out', 40, ['contrastive', 'mim'], 'zero_shot', 60.0)
     log_stage(run.stage_dir('finetune') / 'out', 30, ['ce'], 'classifier', 90.0)
