@@ -5,12 +5,19 @@ Shapes: the four stages of InternImage-T (batch 8 at 224 px) and stage 3 of Inte
 Backends: 'pytorch' (reference), 'compile' (torch.compile of the reference), 'cpu' (fused kernel) and, with CUDA,
 'cuda-pytorch' (reference on the GPU) and 'cuda' (our kernel), each in fp32 and, on the GPU, bf16.
 
-Each (shape, backend) runs in a fresh subprocess. CPU peak memory is the rise of the resident set (VmHWM, reset via
-/proc/self/clear_refs) above the resident set with the inputs allocated, with glibc returning large blocks at once
-(MALLOC_MMAP_THRESHOLD_); GPU peak memory is torch.cuda.max_memory_allocated above the inputs.
+Each (shape, backend, thread count) runs in a fresh subprocess; wall-clock time is the headline. ``--threads 1,2``
+runs every CPU backend at each torch thread count (speed-ups are against the reference at the same count, and a
+column gives each backend's scaling from the smallest count). ``--rounds R`` repeats the whole sweep R times,
+interleaved, for a machine shared with other work: each time is the best of the rounds' medians, with the slowest
+beside it, and each speed-up the ratio of the best times with the range of the per-round ratios.
+
+CPU peak memory is the rise of the resident set (VmHWM, reset via /proc/self/clear_refs) above the resident set with
+the inputs allocated, with glibc returning large blocks at once (MALLOC_MMAP_THRESHOLD_); GPU peak memory is
+torch.cuda.max_memory_allocated above the inputs.
 
     python benchmarks/dcnv3.py                       # CPU table (plus GPU rows when CUDA is present)
     python benchmarks/dcnv3.py --shapes T1 --repeats 20
+    python benchmarks/dcnv3.py --shapes T1 --backends pytorch,cpu --threads 1,2 --rounds 3
 """
 
 from __future__ import annotations
@@ -43,10 +50,14 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(shape_name: str, backend: str, repeats: int, clock: str = "wall") -> dict:
+def worker(shape_name: str, backend: str, repeats: int, clock: str = "wall", threads: int = 0) -> dict:
+    """Times one (shape, backend) in this process at ``threads`` torch threads (0: torch's default)."""
     import torch
 
     from pretrain.ops import dcnv3_core, dcnv3_core_pytorch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     n, h, w, g, d = SHAPES[shape_name]
     device = "cuda" if backend.startswith("cuda") else "cpu"
@@ -86,7 +97,7 @@ def worker(shape_name: str, backend: str, repeats: int, clock: str = "wall") -> 
         fwd()
         fwd_bwd()
     sync()
-    result = {"shape": shape_name, "backend": backend, "device": device}
+    result = {"shape": shape_name, "backend": backend, "device": device, "threads": torch.get_num_threads()}
     for label, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -112,36 +123,81 @@ def worker(shape_name: str, backend: str, repeats: int, clock: str = "wall") -> 
     return result
 
 
-def run_one(shape: str, backend: str, repeats: int, clock: str) -> dict:
+def run_one(shape: str, backend: str, repeats: int, clock: str, threads: int = 0) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
                PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, __file__, "--worker", shape, backend, "--repeats", str(repeats), "--clock", clock]
+    cmd = [sys.executable, __file__, "--worker", shape, backend, "--repeats", str(repeats), "--clock", clock,
+           "--threads", str(threads)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        return {"shape": shape, "backend": backend, "error": (res.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"shape": shape, "backend": backend, "threads": threads,
+                "error": (res.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (shape, backend, threads) from R sweeps: best (min) time, slowest time and every round's time."""
+    merged = []
+    for runs in zip(*rounds):
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            merged.append(runs[0])
+            continue
+        row = dict(ok[0])
+        for key in ("fwd_s", "fwd_bwd_s"):
+            row[f"{key}_rounds"] = [r[key] for r in ok]
+            row[key], row[f"{key}_max"] = min(row[f"{key}_rounds"]), max(row[f"{key}_rounds"])
+        for key in ("fwd_peak_mb", "fwd_bwd_peak_mb"):
+            row[key] = min(r[key] for r in ok)
+        merged.append(row)
+    return merged
+
+
 def table(rows: list[dict]) -> str:
-    out = ["| shape (N,H,W,G,D) | backend | fwd ms | fwd speed-up | fwd+bwd ms | fwd+bwd speed-up | "
-           "fwd peak MB | fwd+bwd peak MB | fwd+bwd peak vs ref |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    refs = {}
-    for r in rows:
-        if r["backend"] in ("pytorch", "cuda-pytorch", "cuda-pytorch-bf16") and "error" not in r:
-            refs[(r["shape"], r["backend"].endswith("bf16"), r.get("device"))] = r
+    """Markdown table of worker rows (or merge_rounds rows): speed-ups against the reference of the same shape, dtype,
+    device and thread count; scaling against the same backend at the smallest thread count."""
+    out = ["| shape (N,H,W,G,D) | backend | threads | fwd ms | fwd speed-up | fwd+bwd ms | fwd+bwd speed-up | "
+           "scaling fwd / fwd+bwd | fwd peak MB | fwd+bwd peak MB | fwd+bwd peak vs ref |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ok = [r for r in rows if "error" not in r]
+    refs, fewest = {}, {}
+    for r in ok:
+        if r["backend"] in ("pytorch", "cuda-pytorch", "cuda-pytorch-bf16"):
+            refs[(r["shape"], r["backend"].endswith("bf16"), r.get("device"), r.get("threads"))] = r
+        key = (r["shape"], r["backend"])
+        if key not in fewest or r.get("threads", 0) < fewest[key].get("threads", 0):
+            fewest[key] = r
+
+    def ms(r, key):
+        worst = f" ({r[key + '_max'] * 1e3:.2f})" if r.get(f"{key}_rounds", [0])[1:] else ""
+        return f"{r[key] * 1e3:.2f}{worst}"
+
+    def ratio(ref, r, key):
+        if ref is None:
+            return "-"
+        if ref is r:
+            return "1.00x"
+        text = f"{ref[key] / r[key]:.2f}x"
+        pairs = list(zip(ref.get(f"{key}_rounds", []), r.get(f"{key}_rounds", [])))
+        if len(pairs) > 1:  # same round: measured minutes apart at most, under the same load
+            per_round = [a / b for a, b in pairs]
+            text += f" ({min(per_round):.2f}-{max(per_round):.2f})"
+        return text
+
     for r in rows:
         shape = f"{r['shape']} {SHAPES[r['shape']]}"
+        threads = r.get("threads", "-")
         if "error" in r:
-            out.append(f"| {shape} | {r['backend']} | error: {r['error']} | | | | | | |")
+            out.append(f"| {shape} | {r['backend']} | {threads} | error: {r['error']} | | | | | | | |")
             continue
-        ref = refs.get((r["shape"], r["backend"].endswith("bf16"), r["device"]))
-        def ratio(key, ref=ref, r=r):
-            return f"{ref[key] / r[key]:.2f}x" if ref else "-"
+        ref = refs.get((r["shape"], r["backend"].endswith("bf16"), r["device"], r.get("threads")))
+        base = fewest[(r["shape"], r["backend"])]
+        scaling = (f"{base['fwd_s'] / r['fwd_s']:.2f}x / {base['fwd_bwd_s'] / r['fwd_bwd_s']:.2f}x"
+                   if base is not r else "-")
         mem_ratio = (f"{r['fwd_bwd_peak_mb'] / ref['fwd_bwd_peak_mb']:.2f}" if ref and ref["fwd_bwd_peak_mb"] > 0
                      else "-")
-        out.append(f"| {shape} | {r['backend']} | {r['fwd_s'] * 1e3:.2f} | {ratio('fwd_s')} | "
-                   f"{r['fwd_bwd_s'] * 1e3:.2f} | {ratio('fwd_bwd_s')} | {r['fwd_peak_mb']:.1f} | "
+        out.append(f"| {shape} | {r['backend']} | {threads} | {ms(r, 'fwd_s')} | {ratio(ref, r, 'fwd_s')} | "
+                   f"{ms(r, 'fwd_bwd_s')} | {ratio(ref, r, 'fwd_bwd_s')} | {scaling} | {r['fwd_peak_mb']:.1f} | "
                    f"{r['fwd_bwd_peak_mb']:.1f} | {mem_ratio} |")
     return "\n".join(out)
 
@@ -154,22 +210,37 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per measurement (median)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: elapsed time (default); cpu: process CPU time, on a machine shared with other work")
+    parser.add_argument("--threads", default="0",
+                        help="comma-separated torch thread counts for the CPU backends (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep, interleaved (shared machines)")
     parser.add_argument("--json", type=Path, help="also write the raw rows here")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.repeats, args.clock)))
+        print(json.dumps(worker(*args.worker, args.repeats, args.clock, int(args.threads))))
         return 0
     import torch
 
     backends = args.backends.split(",") if args.backends else CPU_BACKENDS + (
         GPU_BACKENDS if torch.cuda.is_available() else [])
-    rows = []
-    for shape in args.shapes.split(","):
-        for backend in backends:
-            rows.append(run_one(shape, backend, args.repeats, args.clock))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-          f"clock {args.clock}"
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    load_before = os.getloadavg()
+    rounds = []
+    for _ in range(args.rounds):
+        rows = []
+        for shape in args.shapes.split(","):
+            for backend in backends:
+                # The GPU rows do not depend on the host's thread count: run them once per round.
+                for threads in thread_counts if not backend.startswith("cuda") else thread_counts[:1]:
+                    rows.append(run_one(shape, backend, args.repeats, args.clock, threads))
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        rounds.append(rows)
+    rows = merge_rounds(rounds) if args.rounds > 1 else rounds[0]
+    load_after = os.getloadavg()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads per row (default "
+          f"{torch.get_num_threads()}), clock {args.clock}, median of {args.repeats}"
+          + (f", best of {args.rounds} rounds (slowest round and per-round speed-up range in brackets)"
+             if args.rounds > 1 else "")
+          + f", load average {load_before[0]:.2f} before / {load_after[0]:.2f} after"
           + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     print(table(rows))
     if args.json:
