@@ -17,6 +17,7 @@ falls back to the reference with one warning.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ def cache_root() -> Path:
     return Path(root) / f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
 
 
+@functools.cache  # the CPU does not change under a process; every DCNv3 call asks (through load_cpu)
 def cpu_isa() -> str:
     """'avx2' when this CPU has AVX2, FMA and F16C (x86-64), else 'generic'."""
     try:
@@ -133,6 +135,9 @@ def _fingerprint(name: str, sources: list[Path], cuda: bool) -> str:
 
 
 def _load(name: str, sources: list[Path], cuda: bool, force: bool = False) -> ModuleType | None:
+    module = _loaded.get(name)  # the per-call path: no lock once loaded (a dict read is atomic)
+    if module is not None:
+        return module
     with _lock:
         if name in _loaded:
             return _loaded[name]

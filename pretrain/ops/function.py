@@ -135,6 +135,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     raise RuntimeError(f"DCNv3 {kind} kernel unavailable: {build.failure(kind)}")
 
 
+# (backend, device type) -> what resolve_backend chose: the extension is built and loaded once per process, so the
+# choice cannot change, and looking it up again per call would touch the build cache (a file read under a lock).
+_resolved: dict[tuple[str, str], str] = {}
+
+
+# Dynamo runs this at trace time and bakes the answer into the graph, so resolving (file reads, locks, warnings)
+# never breaks a compiled graph; eager calls get the same cached answer.
+@torch.compiler.assume_constant_result
+def resolved_backend(backend: str, device: torch.device) -> str:
+    """:func:`resolve_backend`, computed once per ``(backend, device type)`` and process."""
+    key = (backend, device.type)
+    if key not in _resolved:
+        _resolved[key] = resolve_backend(backend, device)
+    return _resolved[key]
+
+
 def check_arguments(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
                     stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
                     group_channels: int, remove_center: bool) -> None:
@@ -176,7 +192,7 @@ def dcnv3_core(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, ke
     remove_center = bool(remove_center)
     check_arguments(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
                     group, group_channels, remove_center)
-    chosen = resolve_backend(backend, input.device)
+    chosen = resolved_backend(backend, input.device)
     if chosen == "pytorch":
         return dcnv3_core_pytorch(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                   dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
