@@ -101,7 +101,9 @@ class _Slot:
     def open(self, remote: RemoteOptions = DEFAULT_REMOTE) -> Iterator[dict]:
         if self.reader is None:
             remaining = None if self.stop is None else self.stop - self.start - self.consumed
-            if self.consumed and self.next_offset_bytes is not None:  # resume: seek instead of reading past
+            if remaining == 0:  # saved right after its last sample: iter_tar_samples would read one more
+                self.reader = iter(())
+            elif self.consumed and self.next_offset_bytes is not None:  # resume: seek instead of reading past
                 self.reader = iter_tar_samples(self.url, start_offset_bytes=self.next_offset_bytes, remote=remote,
                                                max_samples=remaining, check_end=self.to_end)
             else:
@@ -151,24 +153,36 @@ def _counts_from_manifest_file(path: str, urls: list[str]) -> dict[str, int]:
     return counts
 
 
+Piece = tuple[str, int, int, int, bool]  # (url, start, stop, source, ends_shard): samples [start, stop) of a shard
+
+
+def epoch_order(shards: Sequence[_Shard], *, seed: int, epoch: int) -> list[Piece]:
+    """Every sample of an epoch in its global order: the shards, whole, shuffled identically on all ranks from
+    (seed, epoch)."""
+    order = list(range(len(shards)))
+    random.Random(_stable_seed("shard-order", seed, epoch)).shuffle(order)
+    return [(shards[i].url, 0, shards[i].samples, shards[i].source, True) for i in order]
+
+
 def epoch_plan(shards: Sequence[_Shard], *, seed: int, epoch: int, rank: int, world_size: int, worker_id: int,
-               num_workers: int, batch_size: int, drop_last: bool) -> list[tuple[str, int, int, int, bool]]:
+               num_workers: int, batch_size: int, drop_last: bool, rest: Sequence[Piece] | None = None) -> list[Piece]:
     """The segments (url, start, stop, source, ends_shard) that one worker reads in epoch mode.
 
     All ranks shuffle the shard order identically from (seed, epoch), lay the samples end to end and cut them into
     ``world_size`` contiguous ranges (sizes differ by at most one; with ``drop_last`` every rank gets the same
     whole number of batches and the remainder, a different one each epoch, is left out). Each rank's range is dealt
     to its workers in whole batches, so at most one worker per rank ends with a partial batch.
+    ``rest``: the pieces of the epoch not yet read (by a run at another world size, see
+    :func:`data_pipelines.epoch_rest.rest_of_epoch`), in their global order, cut instead of the whole epoch.
     """
-    global_workers = world_size * num_workers
-    if len(shards) < global_workers:
-        raise ValueError(f"epoch mode needs at least one shard per data-loader worker: {len(shards)} shards for "
-                         f"{world_size} ranks x {num_workers} workers; write smaller shards (--samples-per-shard) "
-                         f"or use fewer workers or the resampled mode")
-    order = list(range(len(shards)))
-    random.Random(_stable_seed("shard-order", seed, epoch)).shuffle(order)
-    ordered = [shards[i] for i in order]
-    total = sum(s.samples for s in ordered)
+    if rest is None:
+        global_workers = world_size * num_workers
+        if len(shards) < global_workers:
+            raise ValueError(f"epoch mode needs at least one shard per data-loader worker: {len(shards)} shards for "
+                             f"{world_size} ranks x {num_workers} workers; write smaller shards (--samples-per-shard) "
+                             f"or use fewer workers or the resampled mode")
+        rest = epoch_order(shards, seed=seed, epoch=epoch)
+    total = sum(stop - start for _, start, stop, _, _ in rest)
     if drop_last:
         per_rank = (total // world_size // batch_size) * batch_size
         rank_start, rank_stop = rank * per_rank, (rank + 1) * per_rank
@@ -183,11 +197,12 @@ def epoch_plan(shards: Sequence[_Shard], *, seed: int, epoch: int, rank: int, wo
     stop = start + sizes[worker_id]
     plan = []
     offset = 0
-    for shard in ordered:
-        lo, hi = max(start - offset, 0), min(stop - offset, shard.samples)
+    for url, piece_start, piece_stop, source, ends_shard in rest:
+        n = piece_stop - piece_start
+        lo, hi = max(start - offset, 0), min(stop - offset, n)
         if lo < hi:
-            plan.append((shard.url, lo, hi, shard.source, hi == shard.samples))
-        offset += shard.samples
+            plan.append((url, piece_start + lo, piece_start + hi, source, ends_shard and hi == n))
+        offset += n
     return plan
 
 
@@ -222,6 +237,7 @@ class WebDatasetStream(IterableDataset):
         self.filters = list(filters)
         self.epoch = epoch
         self.epoch_consumed = 0  # see set_epoch
+        self.epoch_rest: list[Piece] | None = None  # see set_epoch
         self.drop_last = drop_last
         self.interleave_shards = interleave_shards
         self.samples_per_epoch = samples_per_epoch
@@ -248,20 +264,27 @@ class WebDatasetStream(IterableDataset):
             raise ValueError("all source weights are zero")
         return weights
 
-    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+    def set_epoch(self, epoch: int, consumed: int = 0, rest: Sequence[Piece] | None = None) -> None:
         """Select the epoch (shard order in epoch mode, shard draws in resampled mode) of the next ``iter()``.
 
         ``consumed`` (resampled mode with ``samples_per_epoch``): samples of this epoch, over all ranks, that a run at
         another world size already trained on. The pass is then the rest of the epoch, ``samples_per_epoch -
         consumed``, drawn afresh (the draws are also seeded by ``consumed``), so a resized run neither replays the
-        epoch's first draws nor moves its end. Epoch mode cannot cut a pass that way and raises."""
-        if consumed and not self.continues_epochs:
+        epoch's first draws nor moves its end.
+        ``rest`` (epoch mode, with the ``consumed`` count): the pieces of the epoch that a run at another world size
+        did not read (``WebDatasetLoader.load_other_world_size`` computes them); the pass reads exactly those, cut
+        over this run's ranks and workers."""
+        if rest is not None and self.mode != "epoch":
+            raise ValueError(f"the rest of an epoch as shard pieces is for epoch mode, not {self.mode!r}")
+        if consumed and rest is None and not self.continues_epochs:
             raise ValueError("continuing an epoch after `consumed` samples needs resampled mode with samples_per_epoch"
-                             f" (mode {self.mode!r}, samples_per_epoch {self.samples_per_epoch})")
+                             f" (mode {self.mode!r}, samples_per_epoch {self.samples_per_epoch}), or in epoch mode "
+                             "the pieces not yet read (load_other_world_size)")
         if consumed < 0:
             raise ValueError(f"consumed must be >= 0, got {consumed}")
         self.epoch = epoch
         self.epoch_consumed = consumed
+        self.epoch_rest = None if rest is None else [tuple(piece) for piece in rest]
 
     @property
     def continues_epochs(self) -> bool:
@@ -313,7 +336,7 @@ class _WorkerIterator:
                 self.plan = epoch_plan(ds.shards, seed=ds.seed, epoch=self.epoch, rank=ds.rank,
                                        world_size=ds.world_size, worker_id=self.worker_id,
                                        num_workers=self.num_workers, batch_size=ds.batch_size,
-                                       drop_last=ds.drop_last)
+                                       drop_last=ds.drop_last, rest=ds.epoch_rest)
             while len(self.slots) < ds.interleave_shards and self.next_segment < len(self.plan):
                 url, start, stop, source, ends_shard = self.plan[self.next_segment]
                 self.slots.append(_Slot(url, source, start, stop, to_end=ends_shard))
@@ -496,6 +519,22 @@ class WebDatasetLoader(StatefulDataLoader):
         ``consumed``: see :meth:`WebDatasetStream.set_epoch`."""
         self.dataset.set_epoch(epoch, consumed)
 
+    def load_other_world_size(self, states: Sequence[dict]) -> str:
+        """Epoch mode: continue the epoch that a run at another world size saved, from ``states``, the
+        :meth:`state_dict` of each of its ranks in rank order. This pass reads exactly the samples of that epoch
+        that no old worker had read (each old worker's plan is recomputed and its open shards' positions
+        subtracted), cut over this loader's ranks and workers, so over all ranks nothing is read twice or left
+        out (but for ``drop_last``'s remainder of this cut). Returns a sentence saying so; raises ValueError when
+        the states cannot be mapped (another mode, sources or seed, a rank missing)."""
+        from data_pipelines.epoch_rest import rest_of_epoch
+
+        ds = self.dataset
+        epoch, rest, consumed = rest_of_epoch(ds, states)
+        ds.set_epoch(epoch, consumed=consumed, rest=rest)
+        left = sum(stop - start for _, start, stop, _, _ in rest)
+        return (f"epoch {epoch} goes on with the {left} samples that the {len(states)} saved ranks had not read "
+                f"({consumed} read)")
+
     @property
     def continues_epochs(self) -> bool:
         """See :attr:`WebDatasetStream.continues_epochs`."""
@@ -520,6 +559,8 @@ class WebDatasetLoader(StatefulDataLoader):
         ds = self.dataset
         return {"stateful_dataloader": super().state_dict(),
                 "data_pipelines": {"version": STATE_VERSION, "epoch": ds.epoch, "epoch_consumed": ds.epoch_consumed,
+                                   "epoch_rest": ds.epoch_rest, "batch_size": ds.batch_size,
+                                   "drop_last": ds.drop_last,
                                    "num_workers": self.num_workers,
                                    "rank": ds.rank, "world_size": ds.world_size, "seed": ds.seed,
                                    "mode": ds.mode, "fingerprint": ds.fingerprint}}
@@ -534,7 +575,7 @@ class WebDatasetLoader(StatefulDataLoader):
         if mismatched:
             raise ValueError(f"cannot resume the data loader exactly; saved vs current: {mismatched} "
                              f"(keep the sources, seed, mode, ranks and num_workers of the saved run)")
-        ds.set_epoch(saved["epoch"], saved.get("epoch_consumed", 0))
+        ds.set_epoch(saved["epoch"], saved.get("epoch_consumed", 0), saved.get("epoch_rest"))
         super().load_state_dict(state["stateful_dataloader"])
 
 

@@ -394,3 +394,116 @@ def test_resume_in_the_main_process_is_exact(cc12m_dir, bad_shards):
     resumed.load_state_dict(first.state_dict())
     collect(resumed)
     assert resumed.skip_counts() == full.skip_counts() == dict(sorted(bad_shards[2].items()))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# epoch mode at another world size
+
+
+def _saved(loader) -> dict:
+    """``loader.state_dict()`` through a checkpoint file's round trip."""
+    buffer = io.BytesIO()
+    torch.save(loader.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _run_ranks(make_loader, world_size: int, batches: int | None, states: list[dict] | None = None):
+    """Every rank of a run of ``world_size`` (simulated one after the other: ranks share nothing but the saved
+    states); each continues the epoch of ``states`` when given, reads ``batches`` batches (None: to the end of
+    its pass) and saves. Returns (keys read over all ranks, the saved states in rank order, the last message)."""
+    keys, saved, message = [], [], None
+    for rank in range(world_size):
+        loader = make_loader(rank, world_size)
+        if states is not None:
+            message = loader.load_other_world_size(states)
+        keys += keys_of(collect(loader, batches))
+        saved.append(_saved(loader))
+    return keys, saved, message
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("old_world, new_world, workers", [(2, 1, (2, 0)), (1, 2, (0, 2)), (2, 1, (0, 2))])
+def test_epoch_continues_at_another_world_size_without_repeats_or_gaps(cc12m_dir, old_world, new_world, workers):
+    """Epoch mode, 32 real samples in 8 shards, batches of 3 (segments start and stop mid-shard), 2 shards open per
+    worker. ``old_world`` ranks read 2 batches each and save; ``new_world`` ranks continue the epoch from all the
+    saved states. What was read before plus what is read after is the epoch's sample set, each key exactly once."""
+    urls = os.path.join(cc12m_dir, CC12M_URLS)
+    old_workers, new_workers = workers
+
+    def make_loader(rank, world_size, num_workers=None):
+        num_workers = (old_workers if world_size == old_world else new_workers) if num_workers is None else num_workers
+        return build_loader(SourceSpec("cc12m", urls), batch_size=3, num_workers=num_workers, mode="epoch", seed=3,
+                            rank=rank, world_size=world_size, transform=tiny_tensor, interleave_shards=2)
+
+    epoch_keys, _, _ = _run_ranks(make_loader, old_world, None)
+    assert sorted(epoch_keys) == sorted(read_tar(CC12M_TAR))  # the epoch: every sample once
+    before, states, _ = _run_ranks(make_loader, old_world, 2)
+    assert len(before) == old_world * 2 * 3
+    after, after_states, message = _run_ranks(make_loader, new_world, None, states)
+    assert f"the {32 - len(before)} samples that the {old_world} saved ranks had not read ({len(before)} read)" \
+        in message
+    assert Counter(before + after) == Counter(epoch_keys), (Counter(before + after) - Counter(epoch_keys),
+                                                           Counter(epoch_keys) - Counter(before + after))
+    # the rest pass resumes exactly at its own world size, and the next epoch is whole again
+    for rank in range(new_world):
+        _resume_matches(lambda rank=rank: _continued(make_loader(rank, new_world), states), 1, None)
+    nxt = make_loader(0, new_world)
+    nxt.load_other_world_size(states)
+    collect(nxt)
+    nxt.set_epoch(1)
+    assert len(keys_of(collect(nxt))) == 32 // new_world
+
+
+def _continued(loader, states):
+    loader.load_other_world_size(states)
+    return loader
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_epoch_resized_twice_and_with_drop_last(cc12m_dir):
+    """2 ranks -> 1 rank -> 2 ranks within one epoch: the second resize starts from the first one's rest. With
+    ``drop_last`` (as the trainer reads) nothing is read twice, and what is left out is less than one batch per new
+    rank of the rest."""
+    urls = os.path.join(cc12m_dir, CC12M_URLS)
+
+    def make_loader(rank, world_size, drop_last=False):
+        return build_loader(SourceSpec("cc12m", urls), batch_size=3, num_workers=0, mode="epoch", seed=9, rank=rank,
+                            world_size=world_size, transform=tiny_tensor, interleave_shards=3, drop_last=drop_last)
+
+    first, states, _ = _run_ranks(make_loader, 2, 1)
+    second, states, _ = _run_ranks(make_loader, 1, 3, states)
+    third, _, message = _run_ranks(make_loader, 2, None, states)
+    assert "the 17 samples that the 1 saved ranks had not read (15 read)" in message  # 2 x 3 + 3 x 3 read
+    assert Counter(first + second + third) == Counter(read_tar(CC12M_TAR).keys())
+
+    def make_dropping(rank, world_size):
+        return make_loader(rank, world_size, drop_last=True)
+
+    before, states, _ = _run_ranks(make_dropping, 2, 2)  # 12 of the 30 samples the epoch's cut keeps
+    after, _, _ = _run_ranks(make_dropping, 1, None, states)
+    seen = before + after
+    assert len(seen) == len(set(seen)) and set(seen) <= set(read_tar(CC12M_TAR))
+    assert 32 - len(seen) < 2 * 3 + 1 * 3  # the first cut's remainder (< a batch per rank) and the rest's (< 1)
+
+
+def test_epoch_rest_refuses_states_it_cannot_map(cc12m_dir, mnist_dir):
+    urls = os.path.join(cc12m_dir, CC12M_URLS)
+
+    def make_loader(rank, world_size, seed=3, mode="epoch"):
+        return build_loader(SourceSpec("cc12m", urls), batch_size=4, num_workers=0, mode=mode, seed=seed, rank=rank,
+                            world_size=world_size, transform=tiny_tensor, samples_per_epoch=32)
+
+    _, states, _ = _run_ranks(make_loader, 2, 1)
+    with pytest.raises(ValueError, match="need the states of all 1 ranks"):
+        make_loader(0, 1).load_other_world_size(states[1:])
+    with pytest.raises(ValueError, match="another seed"):
+        make_loader(0, 1, seed=4).load_other_world_size(states)
+    with pytest.raises(ValueError, match="for epoch mode, not 'resampled'"):
+        make_loader(0, 1, mode="resampled").load_other_world_size(states)
+    other = build_loader(SourceSpec("mnist", os.path.join(mnist_dir, "mnist-{000000..000002}.tar")), batch_size=4,
+                         num_workers=0, seed=3, transform=tiny_tensor)
+    with pytest.raises(ValueError, match="other sources"):
+        other.load_other_world_size(states[:1] + states[1:])

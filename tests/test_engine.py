@@ -844,6 +844,25 @@ def test_resampled_epoch_goes_on_at_another_world_size(shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_epoch_mode_goes_on_at_another_world_size(shards, tmp_path):
+    """Epoch mode, 32 samples. 2 ranks x 4 images train 2 steps (16 samples), then the run resumes on 1 rank (global
+    batch 4): its loader reads the 16 samples the 2 ranks had not (each old worker's position mapped onto the new
+    plan), 4 steps, so epoch 1 begins at step 7; restarting the epoch would have put it at step 11."""
+    run = tmp_path / 'run'
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, run, schedule={'total_steps': 12, 'warmup_steps': 2},
+                       checkpoint={'interval_steps': 2, 'keep_last': 2})
+    run_procs(2, ['-m', 'pretrain', 'train', str(cfg), 'run.stop_after_steps=2'])
+    out = run_procs(1, ['-m', 'pretrain', 'train', str(cfg)])
+    assert '(universal)' in out
+    assert 'epoch 0 goes on with the 16 samples that the 2 saved ranks had not read (16 read)' in out, out[-3000:]
+    rows = [r for r in map(json.loads, (run / 'metrics.jsonl').read_text().splitlines()) if r['split'] == 'train']
+    epochs = {r['step']: r['epoch'] for r in rows}
+    assert [epochs[s] for s in range(1, 13)] == [0] * 6 + [1] * 6
+    assert rows[-1]['samples_seen'] == 16 + 10 * 4
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_nonfinite_steps_are_skipped_then_stop_names_step_and_checkpoint(shards, tmp_path):
     """An absurd learning rate makes the weights overflow after the first steps: non-finite steps are skipped and
     counted, and after 2 in a row the run stops with exit status 3 and an error naming the step and the last good

@@ -65,7 +65,7 @@ DEBUG_SAVE_PAUSE_ENV = 'PRETRAIN_DEBUG_SAVE_PAUSE'
 # Where a registered part is saved and when it is restored:
 #   global    rank 0 writes it into trainer.pt; every rank loads it on every resume (same value on every rank)
 #   per_rank  every rank writes it into rank_RRRRR.pt; loaded only at the same world size, else the part's
-#             ``load_other_world_size()`` says what it did instead
+#             ``load_other_world_size(saved)`` (``saved``: its state from every saved rank) says what it did instead
 #   average   a weight average (pretrain.common.ema.EMA): <name>_RRRRR.pt from rank 0, or from every rank when
 #             ZeRO-3 partitions it; loaded from every saved rank's file (``load_state_dicts``), at any world size
 SCOPES = ('global', 'per_rank', 'average')
@@ -120,9 +120,10 @@ class ResumePlan:
 
 
 class LoaderPosition:
-    """The training loader's position as a per-rank part. At another world size the position cannot carry over;
-    :meth:`load_other_world_size` restarts the saved epoch, or in resampled mode goes on after the samples already
-    seen in it (``train_state``'s count, loaded before the per-rank parts)."""
+    """The training loader's position as a per-rank part. At another world size :meth:`load_other_world_size`
+    continues the saved epoch: in epoch mode with the samples no saved rank had read (from every saved rank's
+    position), in resampled mode with fresh draws after the samples already seen in it (``train_state``'s count,
+    loaded before the per-rank parts)."""
 
     def __init__(self, loader, train_state: TrainState):
         self.loader, self.train_state = loader, train_state
@@ -134,13 +135,19 @@ class LoaderPosition:
         if state is not None:
             self.loader.load_state_dict(state)
 
-    def load_other_world_size(self) -> str:
+    def load_other_world_size(self, saved: list) -> str:
         state = self.train_state
         if getattr(self.loader, 'continues_epochs', False) and state.epoch_samples:
             # resampled with samples_per_epoch: the rest of the epoch, drawn afresh, so it ends where it would
             self.loader.set_epoch(state.epoch, consumed=state.epoch_samples)
             return (f'data loader position (epoch {state.epoch} goes on with fresh draws after its '
                     f'{state.epoch_samples} samples already seen)')
+        if getattr(getattr(self.loader, 'dataset', None), 'mode', None) == 'epoch' and None not in saved:
+            try:  # the samples of the epoch that no saved rank had read, cut over this run's ranks
+                return f'data loader position ({self.loader.load_other_world_size(saved)})'
+            except ValueError as e:  # the saved positions cannot be mapped: fall back to the epoch's start
+                self.loader.set_epoch(state.epoch)
+                return f'data loader position (restarts the saved epoch: {e})'
         self.loader.set_epoch(state.epoch)
         return 'data loader position (restarts the saved epoch)'
 
@@ -158,7 +165,7 @@ class RNGStreams:
     def load_state_dict(self, state: dict) -> None:
         set_rng_state(state)
 
-    def load_other_world_size(self) -> str:
+    def load_other_world_size(self, saved: list) -> str:  # noqa: ARG002 - fresh streams, whatever was saved
         self.reseed()
         return 'RNG states (reseeded from seed, step and rank)'
 
@@ -278,8 +285,9 @@ class CheckpointManager:
     def register(self, name: str, part, *, scope: str = 'global') -> None:
         """Add a stateful part under ``name`` (its key in the files; see :data:`SCOPES`). ``part`` has
         ``state_dict()`` and ``load_state_dict(state)`` (``load_state_dicts(states)`` for scope ``average``); a
-        per-rank part may have ``load_other_world_size() -> str``, what it does instead at another world size (the
-        report's note). Parts are loaded in registration order: register those others read from first."""
+        per-rank part may have ``load_other_world_size(saved: list) -> str``, what it does instead at another world size
+        given its state from each saved rank in rank order (None where a rank file lacks it); the string is the
+        report's note. Parts are loaded in registration order: register those others read from first."""
         if scope not in SCOPES:
             raise ValueError(f'checkpoint part {name!r}: scope {scope!r} is not one of {SCOPES}')
         if name in self.parts or name in _RESERVED or not re.fullmatch(r'[a-z][a-z0-9_]*', name):
@@ -630,10 +638,11 @@ class CheckpointManager:
                     part.load_state_dict(mine[name])
                 else:
                     report['not_restored'].append(f'{name} (not in the checkpoint; starts afresh)')
-        else:
+        elif per_rank:
+            saved = [safe_load(os.path.join(plan.step_dir, f'rank_{r:05d}.pt')) for r in range(plan.saved_world_size)]
             for name, part in per_rank.items():
                 other = getattr(part, 'load_other_world_size', None)
-                report['not_restored'].append(other() if other is not None else
+                report['not_restored'].append(other([s.get(name) for s in saved]) if other is not None else
                                               f'{name} (saved per rank by {plan.saved_world_size} ranks)')
         for name, avg in self._scoped('average').items():
             files = average_files(plan.step_dir, name)  # raises on an incomplete set
