@@ -72,43 +72,56 @@ def wait_metrics_rows(stage: Path, rows: int, timeout_s: float = 240) -> None:
 
 
 @pytest.fixture(scope='module')
-def uninterrupted_2n(two_node_cluster, shards, tmp_path_factory):  # noqa: F811
-    """A STEPS-step stage submitted with `python -m launch submit` (Submitit) to the two-node partition, run to the
-    end: what test 1 inspects and the reference weights of the USR2 test."""
-    tmp = tmp_path_factory.mktemp('twonode')
+def cascade_2n(two_node_cluster, shards, tmp_path_factory):  # noqa: F811
+    """A two-stage cascade (`python -m launch cascade`) on both nodes: 'first' (STEPS steps, uninterrupted, the
+    reference weights of the USR2 test), then 'second' (2 steps, afterok, from first's weights)."""
+    tmp = tmp_path_factory.mktemp('casc2n')
+    cfg = write_yaml(tmp / 'cascade.yaml', {
+        'name': 'casc2n', 'runs_root': str(tmp / 'runs'), 'resources': RESOURCES_2N,
+        'stages': [{'name': 'first', 'train_config': TRAIN_CONFIG, 'overrides': fast_overrides(shards, STEPS, 4)},
+                   {'name': 'second', 'train_config': TRAIN_CONFIG, 'overrides': fast_overrides(shards, 2, 2)}]})
     jobs: list[str] = []
     try:
-        run, stages = submitted(launch('submit', str(stage_yaml(tmp, 'plain2n', shards, STEPS, 4))), jobs)
+        run, stages = submitted(launch('cascade', str(cfg)), jobs)
+        rows = wait_finished(run, 360)
+    finally:
+        subprocess.run(['scancel', *jobs], capture_output=True, timeout=60)
+    return {'run': run, 'stages': stages, 'rows': rows}
+
+
+@pytest.fixture(scope='module')
+def usr2_2n(two_node_cluster, shards, tmp_path_factory):  # noqa: F811
+    """A STEPS-step stage submitted with `python -m launch submit` (Submitit), sent `scancel --signal=USR2` once
+    past step 5, requeued, and run to the end."""
+    tmp = tmp_path_factory.mktemp('usr2_2n')
+    jobs: list[str] = []
+    try:
+        run, stages = submitted(launch('submit', str(stage_yaml(tmp, 'usr2_2n', shards, STEPS, 4))), jobs)
+        job, stage = stages[0]['job_ids'][0], run / 'stages' / 'usr2_2n'
+        wait_metrics_rows(stage, 5)
+        r = subprocess.run(['scancel', '--signal=USR2', job], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
         rows = wait_finished(run, 300)
     finally:
         subprocess.run(['scancel', *jobs], capture_output=True, timeout=60)
-    return {'run': run, 'job': stages[0]['job_ids'][0], 'rows': rows, 'stage': run / 'stages' / 'plain2n'}
+    return {'run': run, 'job': job, 'rows': rows, 'stage': stage}
 
 
-def test_stage_runs_across_both_nodes(uninterrupted_2n):
-    stage, job, rows = uninterrupted_2n['stage'], uninterrupted_2n['job'], uninterrupted_2n['rows']
-    assert rows[0]['state'] == 'COMPLETED', logs_tail(stage)
-    assert rows[0]['step'] == STEPS and rows[0]['restarts'] == 0
+def test_submitted_stage_runs_across_both_nodes(usr2_2n):
+    stage, job, rows = usr2_2n['stage'], usr2_2n['job'], usr2_2n['rows']
+    assert rows[0]['state'] == 'COMPLETED' and rows[0]['step'] == STEPS, logs_tail(stage)
     assert events(stage)[0]['world_size'] == 2
     # One rank per node, each with local rank 0; both met at the first node of the job's node list, on the port of
-    # the job id.
+    # the job id; the same after the requeue (one line per start).
     port = 10000 + int(job) % 20000
-    assert rank_lines(stage) == {0: [(0, 2, 0, 'n1', 'n1', port, 'slurm')],
-                                 1: [(1, 2, 0, 'n2', 'n1', port, 'slurm')]}, logs_tail(stage)
-    for rank in (0, 1):
-        assert (stage / 'logs' / f'{job}_{rank}_log.out').is_file()
-    batch = (stage / 'logs' / f'{job}_0_log.out').read_text()
-    assert 'checkpoint committed' in batch
+    assert rank_lines(stage) == {0: [(0, 2, 0, 'n1', 'n1', port, 'slurm')] * 2,
+                                 1: [(1, 2, 0, 'n2', 'n1', port, 'slurm')] * 2}, logs_tail(stage)
+    assert 'checkpoint committed' in (stage / 'logs' / f'{job}_0_log.out').read_text()
 
 
-def test_usr2_on_two_nodes_resumes_to_same_weights(uninterrupted_2n, shards, tmp_path, jobs_to_cancel):  # noqa: F811
+def test_usr2_on_two_nodes_resumes_to_same_weights(usr2_2n, cascade_2n):
     import torch
-    run, stages = submitted(launch('submit', str(stage_yaml(tmp_path, 'usr2_2n', shards, STEPS, 4))), jobs_to_cancel)
-    job, stage = stages[0]['job_ids'][0], run / 'stages' / 'usr2_2n'
-    wait_metrics_rows(stage, 5)
-    r = subprocess.run(['scancel', '--signal=USR2', job], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    rows = wait_finished(run, 300)
+    stage, rows = usr2_2n['stage'], usr2_2n['rows']
     assert rows[0]['state'] == 'COMPLETED' and rows[0]['restarts'] == 1 and rows[0]['step'] == STEPS, logs_tail(stage)
     ev = events(stage)
     requeued = [e for e in ev if e['event'] == 'end' and e['status'] == 'requeued']
@@ -119,11 +132,10 @@ def test_usr2_on_two_nodes_resumes_to_same_weights(uninterrupted_2n, shards, tmp
     shards_saved = sorted(p.name for p in ckpt.rglob('*optim_states.pt'))
     assert len(shards_saved) == 2 and any('rank_0' in n for n in shards_saved) \
         and any('rank_1' in n for n in shards_saved), shards_saved
-    # both nodes ran again after the requeue, with the same placement
-    lines = rank_lines(stage)
-    assert [x[3] for x in lines[0]] == ['n1', 'n1'] and [x[3] for x in lines[1]] == ['n2', 'n2'], lines
+    reference_rows = cascade_2n['rows']
+    assert reference_rows[0]['state'] == 'COMPLETED' and reference_rows[0]['step'] == STEPS, reference_rows
     weights = fp32_weights(rows[0]['last_checkpoint'])
-    reference = fp32_weights(uninterrupted_2n['rows'][0]['last_checkpoint'])
+    reference = fp32_weights(reference_rows[0]['last_checkpoint'])
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[k], reference[k]) for k in weights), \
         sorted(((weights[k] - reference[k]).abs().max().item(), k) for k in weights)[-5:]
@@ -141,6 +153,11 @@ def test_node_lost_mid_run_is_noticed_and_rerun_resumes(two_node_cluster, shards
     job, stage = stages[0]['job_ids'][0], run / 'stages' / 'lost2n'
     ckpts = stage / 'out' / 'checkpoints'
     wait_metrics_rows(stage, 7)
+    # Aim the loss at a save in progress (a step folder without COMPLETE yet), so that a half-written checkpoint is
+    # there to be refused; a save too quick to catch within 30 s is lost from after it.
+    deadline = time.time() + 30
+    while time.time() < deadline and not any(not (d / 'COMPLETE').exists() for d in ckpts.glob('step_*')):
+        time.sleep(0.02)
     t_lost = time.time()
     lose_node('n2')
     try:
@@ -167,23 +184,18 @@ def test_node_lost_mid_run_is_noticed_and_rerun_resumes(two_node_cluster, shards
     resumed = re.findall(r'resumed from (\S+) at step (\d+)', rank0)
     assert resumed, rank0[-3000:]
     assert resumed[0] == (str(ckpts / f'step_{newest_complete:08d}'), str(newest_complete)), (resumed, seen)
+    assert all(step > newest_complete for step, done in seen.items() if not done), seen  # only the last save is torn
     # the rerun ran on both nodes again
     assert [x[3] for x in rank_lines(stage)[1]][-1] == 'n2'
 
 
-def test_cascade_afterok_on_two_nodes(two_node_cluster, shards, tmp_path, jobs_to_cancel):  # noqa: F811
-    cfg = write_yaml(tmp_path / 'cascade.yaml', {
-        'name': 'casc2n', 'runs_root': str(tmp_path / 'runs'), 'resources': RESOURCES_2N,
-        'stages': [{'name': 'first', 'train_config': TRAIN_CONFIG, 'overrides': fast_overrides(shards, 4, 2)},
-                   {'name': 'second', 'train_config': TRAIN_CONFIG, 'overrides': fast_overrides(shards, 2, 2)}]})
-    run, stages = submitted(launch('cascade', str(cfg)), jobs_to_cancel)
-    first, second = stages
+def test_cascade_afterok_on_two_nodes(cascade_2n):
+    run, (first, second), rows = cascade_2n['run'], cascade_2n['stages'], cascade_2n['rows']
     assert second['dependency'] == f'afterok:{first["job_ids"][0]}'
-    rows = wait_finished(run, 300)
     assert [x['state'] for x in rows] == ['COMPLETED', 'COMPLETED'], rows
     d1, d2 = run / 'stages' / 'first', run / 'stages' / 'second'
     assert events(d2)[0]['time'] >= events(d1)[-1]['time']  # the dependent started after its predecessor ended
-    assert (d2 / 'init' / 'first_step_00000004.pt').is_file(), logs_tail(d2)  # from the predecessor's weights
+    assert (d2 / 'init' / f'first_step_{STEPS:08d}.pt').is_file(), logs_tail(d2)  # from the predecessor's weights
     for d in (d1, d2):
         lines = rank_lines(d)
         assert [x[3] for x in lines[0]] == ['n1'] and [x[3] for x in lines[1]] == ['n2'], lines
