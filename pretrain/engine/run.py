@@ -41,7 +41,9 @@ def _print(msg: str) -> None:
 def is_collective_timeout(error: BaseException) -> bool:
     """True for the error a gloo collective raises when a peer did not answer within the process group's timeout
     (nccl does not raise: its watchdog aborts the process)."""
-    return isinstance(error, RuntimeError) and 'timed out' in str(error).lower()
+    message = str(error).lower()
+    # Gloo says 'Timed out waiting ...' in a send/recv, 'Application timeout caused pair closure' in a barrier.
+    return isinstance(error, RuntimeError) and ('timed out' in message or 'application timeout' in message)
 
 
 def run_training(cfg: TrainConfig, *, requeue_signals: list[str] | tuple[str, ...] = ('USR2',),
