@@ -15,7 +15,8 @@ On a CUDA machine, in this order, each part under its own time budget (a part th
    tests/test_engine_gpu.py (the ZeRO-3 bf16 resume regression first); log and JUnit XML kept.
 4. ``throughput``: benchmarks/gpu_train.py, InternImage-T/-B vs ConvNeXt-T/-B, batch 64 then 128, 224 px, bf16,
    AdamW, as many configurations as the budget allows (the rest reported not run).
-5. ``kernel``: benchmarks/dcnv3.py's GPU backends on InternImage-T stage 1 and InternImage-H stage 3.
+5. ``kernel``: ``benchmarks/dcnv3.py --device cuda``: our chunked kernel, DCNv4 (when its background build
+   finished), the legacy kernel and the reference at the training shapes, fp32 and bf16, rows kept as they come.
 6. ``dcnv4``: whether the background DCNv4 build finished and imports (reported, not benchmarked).
 
 Without CUDA it rehearses: compiles the CUDA sources with nvcc for sm_90 (``GPU_CHECK_SKIP_NVCC=1`` skips this
@@ -227,9 +228,10 @@ def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Po
         train_json.unlink()  # the rows live in the report
     kernel_json = SCRATCH / 'dcnv3.json'
     kernel_json.unlink(missing_ok=True)
-    part = check.run('kernel', check.py('benchmarks/dcnv3.py', '--shapes', 'T1,H3', '--backends',
-                                        'cuda-pytorch,cuda,cuda-pytorch-bf16,cuda-bf16', '--json', str(kernel_json)),
-                     check.budget('kernel'))
+    budget = check.budget('kernel')  # ours, DCNv4, legacy, reference: each backend one process over every shape
+    part = check.run('kernel', check.py('benchmarks/dcnv3.py', '--device', 'cuda', '--repeats', '5', '--json',
+                                        str(kernel_json), '--dcnv4-site', str(DCNV4_SITE),
+                                        '--budget-s', str(max(budget - 10, 1))), budget)
     if kernel_json.is_file():
         part['rows'] = json.loads(kernel_json.read_text())
         kernel_json.unlink()
@@ -260,7 +262,7 @@ def rehearse(check: Check, build: tuple | None) -> None:
     check.run('throughput', check.py('benchmarks/gpu_train.py', '--dry-run'), check.budget('throughput'),
               mode='models built on the meta device')
     check.run('kernel', check.py('-c', 'import sys; sys.argv = ["dcnv3"]; sys.path.insert(0, "benchmarks"); '
-                                      'import dcnv3; assert {"T1", "H3"} <= set(dcnv3.SHAPES); '
+                                      'import dcnv3; assert {"T1", "H3"} <= set(dcnv3.GPU_SHAPES); '
                                       'from pretrain.ops import dcnv3_core, dcnv3_core_pytorch'),
               check.budget('kernel'), mode='import only')
     check.parts['dcnv4'] = {'status': 'not run', 'reason': check.parts['setup'].get('dcnv4')}

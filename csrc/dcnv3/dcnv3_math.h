@@ -36,18 +36,20 @@ struct Geometry {
 };
 
 // Regular grid position (before offsets) of kernel point p, in pixels relative to the output's centre tap.
-DCNV3_HD void kernel_point(const Geometry& geo, int64_t p, int* i_x, int* i_y) {
-  if (geo.remove_center && p >= geo.points / 2) ++p;  // skip the centre tap (odd kernels only)
+// index_t: int64_t on the host; the CUDA kernel passes int32 (its host side checks that every index fits).
+template <typename index_t>
+DCNV3_HD void kernel_point(const Geometry& geo, index_t p, int* i_x, int* i_y) {
+  if (geo.remove_center && p >= static_cast<index_t>(geo.points / 2)) ++p;  // skip the centre tap (odd kernels only)
   *i_x = static_cast<int>(p / geo.kernel_h);
   *i_y = static_cast<int>(p % geo.kernel_h);
 }
 
 // Sampling location (pixel coordinates in the unpadded input) of point p at output (h_out, w_out).
-template <typename acc_t>
-DCNV3_HD void sampling_location(const Geometry& geo, int64_t h_out, int64_t w_out, int64_t p, acc_t off_x,
+template <typename acc_t, typename index_t>
+DCNV3_HD void sampling_location(const Geometry& geo, index_t h_out, index_t w_out, index_t p, acc_t off_x,
                                 acc_t off_y, acc_t* loc_h, acc_t* loc_w) {
   int i_x, i_y;
-  kernel_point(geo, p, &i_x, &i_y);
+  kernel_point<index_t>(geo, p, &i_x, &i_y);
   const int center_h = geo.dilation_h * (geo.kernel_h - 1) / 2;
   const int center_w = geo.dilation_w * (geo.kernel_w - 1) / 2;
   const acc_t scale = static_cast<acc_t>(geo.offset_scale);
@@ -59,24 +61,39 @@ DCNV3_HD void sampling_location(const Geometry& geo, int64_t h_out, int64_t w_ou
 
 // The four bilinear taps of one sampling location: pixel indices (h * W + w) and weights, with the weights' partial
 // derivatives in h and w. Taps outside the image get weight 0 and index 0, so callers never branch per channel.
-template <typename acc_t>
+// index_t: int64_t on the host, int32 in the CUDA kernel (pixel indices of one image).
+template <typename acc_t, typename index_t = int64_t>
 struct Taps {
-  int64_t index[4];
+  index_t index[4];
   acc_t weight[4];
   acc_t dweight_dh[4];
   acc_t dweight_dw[4];
-  bool any;  // false when every tap is outside the image
+  bool inside[4];  // tap k lies in the image (its weight may still be 0 on a pixel boundary)
+  bool any;        // false when every tap is outside the image
 };
 
-template <typename acc_t>
-DCNV3_HD Taps<acc_t> bilinear_taps(acc_t loc_h, acc_t loc_w, int64_t height, int64_t width) {
-  Taps<acc_t> t;
+template <typename acc_t, typename index_t = int64_t>
+DCNV3_HD Taps<acc_t, index_t> bilinear_taps(acc_t loc_h, acc_t loc_w, index_t height, index_t width) {
+  Taps<acc_t, index_t> t;
+  // Some tap is inside iff floor(loc) lies in [-1, size - 1] on both axes. Testing that first keeps far-away (or NaN)
+  // locations from overflowing the integer conversion and costs nothing when most points fall outside.
+  if (!(loc_h >= acc_t(-1) && loc_h < static_cast<acc_t>(height) && loc_w >= acc_t(-1) &&
+        loc_w < static_cast<acc_t>(width))) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      t.index[k] = 0;
+      t.weight[k] = t.dweight_dh[k] = t.dweight_dw[k] = acc_t(0);
+      t.inside[k] = false;
+    }
+    t.any = false;
+    return t;
+  }
   const acc_t fh = DCNV3_FLOOR(loc_h), fw = DCNV3_FLOOR(loc_w);
-  const int64_t h0 = static_cast<int64_t>(fh), w0 = static_cast<int64_t>(fw);
+  const index_t h0 = static_cast<index_t>(fh), w0 = static_cast<index_t>(fw);
   const acc_t lh = loc_h - fh, lw = loc_w - fw;
   const acc_t hh = acc_t(1) - lh, hw = acc_t(1) - lw;
-  const int64_t hs[4] = {h0, h0, h0 + 1, h0 + 1};
-  const int64_t ws[4] = {w0, w0 + 1, w0, w0 + 1};
+  const index_t hs[4] = {h0, h0, h0 + 1, h0 + 1};
+  const index_t ws[4] = {w0, w0 + 1, w0, w0 + 1};
   const acc_t wv[4] = {hh * hw, hh * lw, lh * hw, lh * lw};
   const acc_t dh[4] = {-hw, -lw, hw, lw};
   const acc_t dw[4] = {-hh, hh, -lh, lh};
@@ -88,6 +105,7 @@ DCNV3_HD Taps<acc_t> bilinear_taps(acc_t loc_h, acc_t loc_w, int64_t height, int
     t.weight[k] = inside ? wv[k] : acc_t(0);
     t.dweight_dh[k] = inside ? dh[k] : acc_t(0);
     t.dweight_dw[k] = inside ? dw[k] : acc_t(0);
+    t.inside[k] = inside;
     t.any = t.any || inside;
   }
   return t;
