@@ -292,6 +292,8 @@ class RunConfig:
     # No micro-batch / eval batch for this long: dump stacks, exit 75 (requeue); 0 = off. Below the collective
     # timeout, so that the stuck rank dumps its own stacks before the others give up (docs/ENGINE.md).
     watchdog_min: float = 8.0
+    # torch.compile the model (inductor; DCNv3 stays one custom op in the graph); docs/ENGINE.md "Compile"
+    compile: bool = False
 
 
 @dataclass

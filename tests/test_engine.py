@@ -757,6 +757,39 @@ def test_exact_resume_is_bitwise(shards, uninterrupted, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_exact_resume_is_bitwise_with_compile(shards, tmp_path):
+    """run.compile: true (inductor through DeepSpeed's engine.compile, ZeRO-3 on 2 ranks): 3 steps, stop, resume, 3
+    more == 6 uninterrupted compiled steps, bitwise (weights, EMA, losses); checkpoint and export keys are the
+    model's own, with no '_orig_mod.' prefix."""
+    ref = stage_config(tmp_path / 'ref.yaml', shards, tmp_path / 'ref', deepspeed={'zero_stage': 3},
+                       run={'compile': True})
+    out = run_procs(2, ['-m', 'pretrain', 'train', str(ref)], timeout=1800)
+    assert 'model compiled' in out
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, tmp_path / 'run', deepspeed={'zero_stage': 3},
+                       run={'compile': True})
+    run_procs(2, ['-m', 'pretrain', 'train', str(cfg), 'run.stop_after_steps=3'], timeout=1800)
+    out = run_procs(2, ['-m', 'pretrain', 'train', str(cfg)], timeout=1800)
+    assert 'resumed from' in out and '(exact)' in out
+    ref_dir, got_dir = (d / 'checkpoints' / 'step_00000006' for d in (tmp_path / 'ref', tmp_path / 'run'))
+    weights = consolidated(str(got_dir), 6)
+    assert_bitwise(weights, consolidated(str(ref_dir), 6), 'weights')
+    assert_bitwise(ema_of(str(got_dir)), ema_of(str(ref_dir)), 'EMA')
+    assert losses(tmp_path / 'run') == losses(tmp_path / 'ref')
+    from pretrain.config import load_config
+    from pretrain.engine.trainer import build_model
+    own_keys = set(build_model(load_config(str(cfg))).state_dict())
+    assert set(weights) <= own_keys and not [k for k in weights if '_orig_mod' in k]
+    res = subprocess.run([sys.executable, '-m', 'pretrain', 'export', str(got_dir), '--format', 'safetensors',
+                          '--out', str(tmp_path / 'w.safetensors')], cwd=REPO, env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from safetensors.torch import load_file
+    exported = load_file(str(tmp_path / 'w.safetensors'))
+    assert exported and not [k for k in exported if '_orig_mod' in k] and set(exported) <= own_keys
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_kill_during_save_resumes_from_previous_complete(shards, uninterrupted, tmp_path):
     """kill -9 of both ranks while step 4 is being saved (rank files written, no commit marker); the restart resumes
     from step 2, redoes the step-4 save, and ends bitwise equal to the uninterrupted run."""

@@ -130,6 +130,12 @@ class Trainer:
 
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                                                  config=self.ds_config, dist_init_required=False)
+        if cfg.run.compile:
+            # DeepSpeed's compile is the module's own in-place compile (nn.Module.compile): the engine keeps the model
+            # object, so state_dict keys, checkpoints and exports carry no '_orig_mod.' (docs/ENGINE.md "Compile").
+            self.engine.compile()
+            self.log('model compiled (torch.compile, inductor); the first steps and the first evaluation compile')
+        self._compile_pending = {'train', 'eval'} if cfg.run.compile else set()
         self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[cfg.deepspeed.precision]
         self.ema = EMA(self.engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         self.objective = build_objective_step(cfg, self.engine, world_size=self.world_size, rank=self.rank,
@@ -316,7 +322,8 @@ class Trainer:
         self.engine.train()
         try:
             while self.state.step < stop_at:
-                res = self.train_step(stream.next_batch)
+                with self._first_compiled_call('train'):
+                    res = self.train_step(stream.next_batch)
                 self._stop_if_preempted()
                 window.add(res)
                 if window.due(self.state.step):
@@ -339,6 +346,14 @@ class Trainer:
             return summary
         finally:
             self.metrics.close()
+
+    def _first_compiled_call(self, mode: str):
+        """``watchdog.paused()`` around the first train step or evaluation of a compiled model (compiling can outlast
+        run.watchdog_min on a small CPU; the collective timeout still bounds it), else a no-op context."""
+        if mode not in self._compile_pending:
+            return contextlib.nullcontext()
+        self._compile_pending.discard(mode)
+        return watchdog.paused()
 
     def _stop_if_preempted(self) -> None:
         """Collective: when a requeue signal reached any rank, every rank saves and raises ``Preempted``."""
@@ -396,7 +411,8 @@ class Trainer:
             return {}
         self.engine.eval()
         try:
-            out = {'raw': self.objective.evaluate(loader)}
+            with self._first_compiled_call('eval'):
+                out = {'raw': self.objective.evaluate(loader)}
             if self.ema is not None:
                 with self.ema.swapped_in():
                     out['ema'] = self.objective.evaluate(loader)
