@@ -10,8 +10,10 @@ from pretrain.ops import function
 
 TINY_INTERNIMAGE = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8])
 # fp32, inductor against eager on the CPU: the generated kernels sum in another order (and fuse LayerNorm/GELU), so
-# results differ by rounding only: outputs within 1e-4 relative to their largest magnitude, gradients within 1e-3.
+# results differ by rounding only: outputs within 1e-4 of their largest magnitude; gradients within 1e-3 of the
+# largest gradient of the model (some are rounding noise around 0, e.g. a LayerNorm bias ahead of a BatchNorm).
 OUT_RTOL, GRAD_RTOL = 1e-4, 1e-3
+SGD_LR = 0.1
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -83,7 +85,7 @@ def test_backend_is_resolved_once_per_device_type(monkeypatch):
 
 def _train_step(model, images, labels):
     """One SGD step; returns the logits before it, the gradients and the weights after it."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=SGD_LR)
     logits = model(images)
     torch.nn.functional.cross_entropy(logits, labels).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -106,9 +108,12 @@ def test_compiled_train_step_matches_eager(name, kwargs):
     want_logits, want_grads, want_weights = _train_step(eager, images, labels)
     got_logits, got_grads, got_weights = _train_step(twin, images, labels)
     assert _relative_error(got_logits, want_logits) < OUT_RTOL
+    grad_scale = max(float(g.abs().max()) for g in want_grads.values())
     for n in want_grads:
-        assert _relative_error(got_grads[n], want_grads[n]) < GRAD_RTOL, n
-        assert _relative_error(got_weights[n], want_weights[n]) < GRAD_RTOL, n
+        assert float((got_grads[n] - want_grads[n]).abs().max()) < GRAD_RTOL * grad_scale, n
+        # SGD moves both copies by lr x gradient from the same weights: they differ by lr x the gradients' difference
+        assert float((got_weights[n] - want_weights[n]).abs().max()) <= (
+            SGD_LR * GRAD_RTOL * grad_scale + 1e-6 * float(want_weights[n].abs().max())), n
     assert list(twin.state_dict()) == list(eager.state_dict())
     with torch.no_grad():  # eval mode recompiles (the guard on .training) and still agrees
         eager.eval(), twin.eval()
