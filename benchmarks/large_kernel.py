@@ -21,6 +21,7 @@ over square kernels 3..31 on 56/28/14/7 maps (64 channels) to find where the FFT
     python benchmarks/large_kernel.py --model-step --batch 2
     python benchmarks/large_kernel.py --device cuda --threads 0 --repeats 50
     python benchmarks/large_kernel.py --table                         # PeLK paper's comparison table (~1 min)
+    python benchmarks/large_kernel.py --table --snip-images 8 --threads 2    # + MACs at SNIP densities (~15 min)
     python benchmarks/large_kernel.py --table --step-time --device cuda --threads 0 --batch 32
 
 ``--table``: parameters (dense, and non-zero when every 2-D/4-D weight keeps 60%, SLaK's and PeLK's 40% sparsity)
@@ -28,7 +29,10 @@ and multiply-accumulates at ``--img-size`` for ConvNeXt-T/S/B, RepLKNet-31B, SLa
 published figures (PeLK paper Table 4; the RepLKNet, SLaK and ConvNeXt READMEs). MACs are counted from shapes
 on the meta device, fvcore's convention: every convolution and linear layer, ``out elements x in/groups x kh x kw``
 with the whole (uncropped) kernel, norms and activations not counted; PeLK's peripheral convolution counts its
-expanded k x k kernel on its 3/8 of the channels. Sparse MACs scale each masked layer's MACs by its density.
+expanded k x k kernel on its 3/8 of the channels. Sparse MACs scale each masked layer's MACs by its density:
+0.6 everywhere, and with ``--snip-images N`` also the per-layer densities SNIP gives (SLaK's and PeLK's
+initialisation) on N real ImageNet photos, for each of ``--snip-seeds``. SNIP keeps the high-resolution early
+layers sparser than 0.6, so their MACs come out lower; SLaK's README figures agree with this rule (docs/MODELS.md).
 ``--step-time`` adds a training step's time (forward, cross-entropy, backward) and peak memory at ``--batch`` x
 ``--img-size`` with ``conv_impl`` native and fft (RepLKNet, SLaK, PeLK; ConvNeXt has one path).
 """
@@ -204,37 +208,66 @@ PUBLISHED = {
 SPARSITY = 0.4  # SLaK and PeLK: every 2-D / 4-D weight at 40% sparsity
 
 
-def count_macs(model: torch.nn.Module, img_size: int) -> tuple[int, int]:
-    """(dense MACs, MACs with every 2-D/4-D weight at ``1 - SPARSITY`` density) of one ``img_size`` image, from
-    forward hooks on the meta device (see the module docstring for the convention)."""
+def module_macs(model: torch.nn.Module, img_size: int) -> dict[str, int]:
+    """Module name -> MACs of one ``img_size`` image, for every convolution, linear layer and peripheral convolution
+    (see the module docstring for the convention), from forward hooks; runs on the model's device (meta works)."""
     from pretrain.models.pelk import PartialPeripheralConv
 
-    counts = []
+    counts: dict[str, int] = {}
 
-    def conv_hook(m, inp, out):
-        counts.append(out.numel() * m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3])
+    def hook(name):
+        def count(m, inp, out):
+            if isinstance(m, PartialPeripheralConv):
+                b, h, w, _ = out.shape
+                n = b * h * w * m.conv_channels * m.kernel_size ** 2
+            elif isinstance(m, torch.nn.Linear):
+                n = out.numel() * m.in_features
+            else:
+                n = out.numel() * m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
+            counts[name] = counts.get(name, 0) + n
+        return count
 
-    def linear_hook(m, inp, out):
-        counts.append(out.numel() * m.in_features)
-
-    def peripheral_hook(m, inp, out):
-        b, h, w, _ = out.shape
-        counts.append(b * h * w * m.conv_channels * m.kernel_size ** 2)
-
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, torch.nn.Linear):
-            hooks.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, PartialPeripheralConv):
-            hooks.append(m.register_forward_hook(peripheral_hook))
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, PartialPeripheralConv)
+    hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, kinds)]
+    device = next(model.parameters()).device
     with torch.no_grad():
-        model(torch.empty(1, 3, img_size, img_size, device='meta'))
+        model(torch.zeros(1, 3, img_size, img_size, device=device))
     for h in hooks:
         h.remove()
-    dense = sum(counts)
+    return counts
+
+
+def count_macs(model: torch.nn.Module, img_size: int) -> tuple[int, int]:
+    """(dense MACs, MACs with every 2-D/4-D weight at ``1 - SPARSITY`` density) of one ``img_size`` image."""
+    dense = sum(module_macs(model, img_size).values())
     return dense, round(dense * (1 - SPARSITY))  # every counted layer's weight is 2-D or 4-D: all are masked
+
+
+def snip_macs(name: str, img_size: int, images: int, seed: int) -> tuple[float, dict[str, float]]:
+    """MACs of ``name`` (timm) when each layer keeps the density SNIP gives it (``pretrain.engine.sparsity``, SLaK's
+    ``--sparse_init snip``: one cross-entropy batch of ``images`` real ImageNet photos from the shared data, at
+    initialisation seeded by ``seed``, a global top-60% of ``|w * grad|`` over every 2-D/4-D weight). Returns
+    (MACs, layer name -> density). The photos are taken in file order with their WordNet-id labels."""
+    import timm
+    from PIL import Image
+
+    from pretrain.engine.sparsity import snip_densities, snip_scores
+
+    root = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'real'
+    files = sorted((root / 'imagenet-1k-samples').glob('*.JPEG'))[:images]
+    if len(files) < images:
+        raise FileNotFoundError(f'{root / "imagenet-1k-samples"}: {len(files)} photos, --snip-images asks {images}')
+    wnids = (root / 'imagenet-1k-wnids.txt').read_text().split()
+    transform = timm.data.create_transform(img_size)  # eval: resize, centre crop, ImageNet mean/std
+    batch = {'image': torch.stack([transform(Image.open(f).convert('RGB')) for f in files]),
+             'label': torch.tensor([wnids.index(f.name.split('_')[0]) for f in files])}
+    torch.manual_seed(seed)
+    model = timm.create_model(name, conv_impl='fft' if name.startswith('pelk') else 'native')
+    masked = [n for n, p in model.named_parameters() if p.ndim in (2, 4)]
+    densities = snip_densities(snip_scores(model, masked, batch), 1 - SPARSITY)
+    layer_density = {n.rsplit('.', 1)[0]: d for n, d in densities.items() if n.endswith('.weight')}
+    macs = module_macs(model.eval(), img_size)
+    return sum(v * layer_density.get(m, 1.0) for m, v in macs.items()), densities
 
 
 def table(args) -> str:
@@ -243,11 +276,15 @@ def table(args) -> str:
 
     import pretrain.models  # noqa: F401  (registers RepLKNet, SLaK, PeLK)
 
+    seeds = [int(s) for s in args.snip_seeds.split(',')] if args.snip_images else []
+    snip_head = ' MACs at SNIP densities (G) | SNIP / published |' if seeds else ''
     rows = ['| model | params dense (M) | params non-zero at 40% (M) | MACs dense (G) | MACs sparse (G) | '
-            'published params (M) | published MACs (G) | ours / published (params, MACs) |',
-            '|---|---|---|---|---|---|---|---|']
+            'published params (M) | published MACs (G) | ours / published (params, MACs) |' + snip_head,
+            '|---|---|---|---|---|---|---|---|' + '---|---|' * bool(seeds)]
     entries = [(name, name, {}) for name in PUBLISHED]
     entries.insert(4, ('replknet_31b (deploy)', 'replknet_31b', {'small_kernel_merged': True}))
+    if args.only:
+        entries = [e for e in entries if e[1] in args.only.split(',')]
     for label, name, extra in entries:
         p_pub, g_pub, kind, _ = PUBLISHED[name]
         kwargs = {**({} if name.startswith('convnext') else {'conv_impl': 'native'}), **extra}
@@ -261,6 +298,12 @@ def table(args) -> str:
         g_ours = (macs_sparse if sparse_model else macs) / 1e9
         rows.append(f'| {label} | {dense / 1e6:.1f} | {nonzero / 1e6:.1f} | {macs / 1e9:.2f} | {macs_sparse / 1e9:.2f} '
                     f'| {p_pub} ({kind}) | {g_pub} | {p_ours / p_pub:.3f}, {g_ours / g_pub:.3f} |')
+        if seeds and sparse_model:
+            snip = [snip_macs(name, args.img_size, args.snip_images, seed)[0] / 1e9 for seed in seeds]
+            rows[-1] += (f' {min(snip):.2f}-{max(snip):.2f} | {min(snip) / g_pub:.3f}-{max(snip) / g_pub:.3f} |'
+                         if len(snip) > 1 else f' {snip[0]:.2f} | {snip[0] / g_pub:.3f} |')
+        elif seeds:
+            rows[-1] += ' - | - |'
         print(rows[-1], file=sys.stderr, flush=True)
     return '\n'.join(rows)
 
@@ -318,6 +361,11 @@ def main() -> int:
     parser.add_argument('--model-step', action='store_true', help='whole-model training step, native vs auto')
     parser.add_argument('--table', action='store_true', help="the PeLK paper's params / MACs comparison instead")
     parser.add_argument('--step-time', action='store_true', help='with --table: step time and memory per model')
+    parser.add_argument('--snip-images', type=int, default=0,
+                        help='with --table: also MACs at the per-layer densities SNIP gives on this many real '
+                             'ImageNet photos (SLaK, PeLK; slow: a real forward+backward per model and seed)')
+    parser.add_argument('--snip-seeds', default='0,1', help='with --snip-images: initialisation seeds (comma list)')
+    parser.add_argument('--only', help='with --table: these models only (comma list of timm names)')
     parser.add_argument('--json', type=Path, help='also write the raw rows here')
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
