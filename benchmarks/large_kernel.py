@@ -251,9 +251,9 @@ def snip_macs(name: str, img_size: int, images: int, seed: int) -> tuple[float, 
     import timm
     from PIL import Image
 
+    from pretrain.demo import REAL_DATA as root  # ../shared/data/real beside the repository
     from pretrain.engine.sparsity import snip_densities, snip_scores
 
-    root = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'real'
     files = sorted((root / 'imagenet-1k-samples').glob('*.JPEG'))[:images]
     if len(files) < images:
         raise FileNotFoundError(f'{root / "imagenet-1k-samples"}: {len(files)} photos, --snip-images asks {images}')
@@ -267,7 +267,10 @@ def snip_macs(name: str, img_size: int, images: int, seed: int) -> tuple[float, 
     densities = snip_densities(snip_scores(model, masked, batch), 1 - SPARSITY)
     layer_density = {n.rsplit('.', 1)[0]: d for n, d in densities.items() if n.endswith('.weight')}
     macs = module_macs(model.eval(), img_size)
-    return sum(v * layer_density.get(m, 1.0) for m, v in macs.items()), densities
+    unmasked = sorted(set(macs) - set(layer_density))
+    if unmasked:  # every counted layer has a 2-D/4-D weight; a miss would count it dense without a word
+        raise RuntimeError(f'{name}: no SNIP density for the counted layers {unmasked[:3]}')
+    return sum(v * layer_density[m] for m, v in macs.items()), densities
 
 
 def table(args) -> str:

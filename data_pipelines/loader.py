@@ -101,7 +101,7 @@ class _Slot:
     def open(self, remote: RemoteOptions = DEFAULT_REMOTE) -> Iterator[dict]:
         if self.reader is None:
             remaining = None if self.stop is None else self.stop - self.start - self.consumed
-            if remaining == 0:  # saved right after its last sample: iter_tar_samples would read one more
+            if remaining == 0:  # saved right after its last sample: nothing to open the shard for
                 self.reader = iter(())
             elif self.consumed and self.next_offset_bytes is not None:  # resume: seek instead of reading past
                 self.reader = iter_tar_samples(self.url, start_offset_bytes=self.next_offset_bytes, remote=remote,
@@ -523,9 +523,10 @@ class WebDatasetLoader(StatefulDataLoader):
         """Epoch mode: continue the epoch that a run at another world size saved, from ``states``, the
         :meth:`state_dict` of each of its ranks in rank order. This pass reads exactly the samples of that epoch
         that no old worker had read (each old worker's plan is recomputed and its open shards' positions
-        subtracted), cut over this loader's ranks and workers, so over all ranks nothing is read twice or left
-        out (but for ``drop_last``'s remainder of this cut). Returns a sentence saying so; raises ValueError when
-        the states cannot be mapped (another mode, sources or seed, a rank missing)."""
+        subtracted), cut over this loader's ranks and workers, so over all ranks nothing is read twice; with
+        ``drop_last`` the remainders of the old cut and of this one are left out, as any epoch's would be.
+        Returns a sentence saying so; raises ValueError when the states cannot be mapped (another mode, sources or
+        seed, a rank missing)."""
         from data_pipelines.epoch_rest import rest_of_epoch
 
         ds = self.dataset

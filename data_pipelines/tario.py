@@ -14,6 +14,7 @@ can start at a saved byte offset; curl's retries restart the whole body into the
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import os
@@ -98,20 +99,36 @@ class _PipeStream:
         # Its own process group, so that a timeout kills the whole command (``sh -c 'a | b'``), not just the shell.
         self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
         self.fd = self.proc.stdout.fileno()
+        self.at_end = False  # its whole output was read
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:
             return b"".join(iter(lambda: self.read(_READ_BUFFER_BYTES), b""))
         ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
         if not ready:  # a stalled command (a hung download) must not hang the loader
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self._kill()
             raise SkipSample(SHARD_TIMEOUT, f"pipe:{self.command}: no output for {self.timeout_s} s (timeout_s)")
-        return os.read(self.fd, size)
+        data = os.read(self.fd, size)
+        self.at_end = self.at_end or (size > 0 and not data)
+        return data
 
     def close(self) -> int:
-        """Close the pipe and return the command's exit status (idempotent)."""
+        """Close the pipe and return the command's exit status (idempotent). A command whose output was not read to
+        its end (the reader stopped early) is killed, not waited for: a stalled download may never write again, so it
+        would never see the closed pipe. One that does not exit within ``timeout_s`` after its end is killed too."""
         self.proc.stdout.close()
-        return self.proc.wait()
+        if not self.at_end:
+            self._kill()
+        try:
+            return self.proc.wait(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            return self.proc.wait()
+
+    def _kill(self) -> None:
+        """SIGKILL the command's whole process group (``sh -c 'a | b'``), if it is still there."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 class _RetryableStatus(Exception):
@@ -163,6 +180,9 @@ class _HttpStream:
                 if result:
                     self.failures_in_a_row = 0
                 return result
+            except SkipSample:  # a 404, a refused redirect ...: no socket is left open behind it
+                self._drop_connection()
+                raise
             except (OSError, http.client.HTTPException, _RetryableStatus) as e:  # socket timeouts are OSErrors
                 self._drop_connection()
                 self.failures_in_a_row += 1
@@ -181,8 +201,16 @@ class _HttpStream:
         target = self.url
         for _ in range(_MAX_REDIRECTS + 1):
             parts = urlsplit(target)
+            try:
+                port = parts.port
+            except ValueError:
+                port = -1
+            if (parts.scheme not in ("http", "https") or not parts.hostname or port == -1
+                    or (self.url.startswith("https:") and parts.scheme == "http")):
+                raise SkipSample(UNREADABLE_SHARD, f"{self.url}: refused to follow a redirect to {target!r} "
+                                                   "(http(s) with a host only, never from https to http)")
             connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            self._conn = connection_class(parts.hostname, parts.port, timeout=self.options.timeout_s)
+            self._conn = connection_class(parts.hostname, port, timeout=self.options.timeout_s)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             self._conn.request("GET", path, headers={"Range": f"bytes={self.position}-"} if self.position else {})
             self.requests += 1
@@ -283,7 +311,7 @@ def iter_tar_samples(url: str, *, skip_samples: int = 0, max_samples: int | None
                     continue
                 key, ext = parts
                 if current is not None and current["__key__"] != key:
-                    if n_seen >= skip_samples:
+                    if n_seen >= skip_samples and (limit is None or n_seen < limit):  # max_samples=0: none
                         plain = seekable and getattr(tar.fileobj, "comptype", None) == "tar"
                         current["__next_offset__"] = start_offset_bytes + member.offset if plain else None
                         yield current

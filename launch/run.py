@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -40,8 +39,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT_DIRS = ('pretrain', 'data_pipelines', 'launch', 'configs', 'csrc')
 DCNV3_CSRC = REPO_ROOT / 'csrc' / 'dcnv3'
 _IGNORE = shutil.ignore_patterns('__pycache__', '*.pyc', '.pytest_cache', '*.egg-info')
-# URLs the loader fetches itself (pipe: commands, http(s)://, s3:// ...): not checked at submission.
-_REMOTE_URL = re.compile(r'^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)')
 
 
 @dataclass
@@ -106,16 +103,18 @@ def job_paths(cfg, *, init_from_by_launch: bool = False) -> list[tuple[str, str,
     """The local paths a training job with config ``cfg`` (a TrainConfig) reads, as ``(dotted key, what, path)``:
     each shard pattern's first and last URL after brace expansion (``::``-joined patterns each), manifests,
     ``model.init_from`` (unless ``init_from_by_launch``: a cascade stage gets its predecessor's weights),
-    ``model.head_index``, the zero-shot class names and a ``checkpoint.resume`` folder. Remote URLs (``pipe:``,
-    ``http(s)://``, ...) are left out; ``deepspeed.nvme_path`` too (node-local scratch need not exist where one
-    submits). Paths are as written: relative ones are relative to the job's working directory."""
-    from data_pipelines.tario import expand_urls
+    ``model.head_index``, the zero-shot class names and a ``checkpoint.resume`` folder. URLs the loader fetches
+    itself (``pipe:``, ``http(s)://``: ``tario.is_remote``) are left out; any other, ``s3://`` included, is a path
+    the loader would open, and checked as one (use ``pipe:aws s3 cp ... -``). ``deepspeed.nvme_path`` is left out
+    too (node-local scratch need not exist where one submits). Paths are as written: relative ones are relative to
+    the job's working directory."""
+    from data_pipelines.tario import expand_urls, is_remote
     from pretrain.config import OPEN_CLIP_IMAGENET
 
     out: list[tuple[str, str, str]] = []
 
     def local(key: str, what: str, url: str | None) -> None:
-        if url and not _REMOTE_URL.match(url):
+        if url and not is_remote(url):  # http(s):// and pipe: the loader fetches itself; anything else is a path
             out.append((key, what, url[len('file:'):] if url.startswith('file:') else url))
 
     for part in ('train', 'val'):

@@ -30,6 +30,7 @@ class ShardServer:
         self.root = root
         self.ranges = True
         self.missing: set[str] = set()
+        self.redirects: dict[str, str] = {}  # name -> Location of a 302
         self.drop_after_bytes: int | None = None
         self.drops_left = 0
         self.stall_after_bytes: int | None = None
@@ -71,11 +72,19 @@ class ShardServer:
                 path = os.path.join(server.root, name)
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
                 start = int(match.group(1)) if match else None
+                if name in server.redirects:
+                    server._log(name, start, 302)
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[name])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if name in server.missing or not os.path.isfile(path):
                     server._log(name, start, 404)
                     self.send_error(404)
                     return
-                data = open(path, "rb").read()
+                with open(path, "rb") as f:
+                    data = f.read()
                 if start is not None and server.ranges:
                     body = data[start:]
                     self.send_response(206)

@@ -308,5 +308,23 @@ def test_a_second_run_on_a_live_runs_folder_is_refused_and_a_killed_runs_folder_
     assert (ckpts / 'step_00000006' / MARKER).is_file()
 
 
+
+def test_resume_none_is_a_fresh_start_for_the_job_not_for_each_attempt(shards, tmp_path):
+    """checkpoint.resume=none on 1 rank: a first attempt leaves a checkpoint (stop_after_steps); a requeued attempt
+    of the same job (restart count 1) resumes from it; a new job with the same config is refused, by name."""
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, tmp_path / 'run', checkpoint={'interval_steps': 2,
+                       'resume': 'none'}, data={'val': []}, ema={'enabled': False},
+                       loss={'mixup_alpha': 0.0, 'cutmix_alpha': 0.0}, run={'stop_after_steps': 2})
+    ckpts = tmp_path / 'run' / 'checkpoints'
+    run_procs(1, ['-m', 'pretrain', 'train', str(cfg)])
+    assert (ckpts / 'step_00000002' / MARKER).is_file()
+    again = run_procs(1, ['-m', 'pretrain', 'train', str(cfg)], extra_env={'LAUNCH_LOCAL_ATTEMPT': '1'})
+    assert 'restart 1 of the job: resuming' in again and f'resumed from {ckpts / "step_00000002"} at step 2' in again
+    new_job = subprocess.run(_torchrun(1, ['-m', 'pretrain', 'train', str(cfg)]), cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert new_job.returncode != 0
+    assert f'checkpoint.resume=none, but {ckpts} already holds complete checkpoints (newest: step 4' in new_job.stderr
+
+
 if __name__ == '__main__':
     _worker(sys.argv[1], sys.argv[2], *sys.argv[3:])

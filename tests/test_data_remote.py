@@ -176,6 +176,37 @@ def test_a_stalled_pipe_command_times_out(tmp_path):
     assert time.monotonic() - began < 10
 
 
+def test_a_pipe_command_read_only_in_part_is_killed_not_waited_for(shard_dir):
+    # The command writes the shard, then hangs as a stalled download would: it never sees the closed pipe.
+    marker = f"pipe-left-{os.getpid()}"
+    command = f"pipe:sh -c 'cat {shard_dir}/{NAMES[0]}; exec sleep 300 {marker}' || true"
+    began = time.monotonic()
+    got = list(iter_tar_samples(command.replace(" || true", ""), max_samples=2, remote=RemoteOptions(timeout_s=30)))
+    assert len(got) == 2 and time.monotonic() - began < 10  # not the 30 s timeout, nor the 300 s sleep
+    alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert alive == []
+
+
+def test_max_samples_zero_yields_nothing(shard_dir):
+    path = f"{shard_dir}/{NAMES[0]}"
+    assert list(iter_tar_samples(path, skip_samples=3, max_samples=0)) == []
+    assert [s["__key__"] for s in iter_tar_samples(path, skip_samples=3, max_samples=1)] == \
+        [s["__key__"] for s in iter_tar_samples(path)][3:4]
+
+
+def test_redirects_are_followed_to_http_only(shard_dir, server):
+    server.redirects = {"moved.tar": server.url(NAMES[1]), "to-file.tar": f"file://{shard_dir}/{NAMES[1]}",
+                        "ftp.tar": "ftp://127.0.0.1/x.tar"}
+    try:
+        assert scan_shard(server.url("moved.tar"), FAST) == scan_shard(server.url(NAMES[1]), FAST)
+        for name in ("to-file.tar", "ftp.tar"):
+            n_samples, problem = scan_shard(server.url(name), FAST)
+            assert n_samples == 0 and problem.reason == "unreadable_shard", (name, problem)
+            assert "refused to follow a redirect to" in problem.detail and server.url(name) in problem.detail
+    finally:
+        server.redirects = {}
+
+
 @pytest.mark.parametrize("ranges", [True, False], ids=["range", "no-range"])
 def test_exact_resume_mid_shard_on_http_shards(shard_dir, server, ranges):
     """A checkpoint taken mid-shard: the resumed run reopens each open shard at the saved byte (a Range request, or

@@ -419,7 +419,9 @@ inline bool fits_int32(const Geometry& geo) {
   const int64_t positions = geo.batch * geo.height_out * geo.width_out;
   const int64_t largest = std::max({geo.batch * geo.height_in * geo.width_in * geo.channels(),
                                     positions * geo.channels(), positions * geo.group * geo.points * 2});
-  return largest <= INT_MAX && geo.group <= 65535;
+  // The last block's threads compute positions up to one block past the end before chunk_index rejects them:
+  // keep that margin inside int too.
+  return largest <= INT_MAX - 1024 && geo.group <= 65535;
 }
 
 inline bool aligned(const void* pointer, size_t bytes) { return reinterpret_cast<uintptr_t>(pointer) % bytes == 0; }

@@ -104,7 +104,14 @@ class Trainer:
                                       rank=self.rank, world_size=self.world_size, interval_steps=ck.interval_steps,
                                       save_at_end=ck.save_at_end, total_steps=self.total_steps,
                                       config=config_to_dict(cfg), log=self.log)
-        self.resume_plan = self.ckpt.plan_resume(cfg.checkpoint.resume, cfg.checkpoint.on_world_size_change)
+        resume = cfg.checkpoint.resume
+        if resume == 'none' and preemption.restart_count() > 0:
+            # 'none' means a fresh start for the job, not for each of its attempts: a requeued job (preemption,
+            # watchdog, lost node) goes on from what its own earlier attempt saved.
+            resume = 'auto'
+            self.log(f'checkpoint.resume=none, but this is restart {preemption.restart_count()} of the job: resuming '
+                     'from its newest complete checkpoint (auto)')
+        self.resume_plan = self.ckpt.plan_resume(resume, cfg.checkpoint.on_world_size_change)
         if self.resume_plan is not None:
             self.ckpt.prepare_universal(self.resume_plan)
 
