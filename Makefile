@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo clean-ext
+.PHONY: install test test-extended test-fast lint demo clean-ext
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not extended"
+
+# The checks that do not fit CI's 60 minutes (torch.compile's cold compiles of InternImage): run them before a release.
+test-extended: $(STAMP)
+	$(PY) -m pytest -m extended
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"

@@ -94,8 +94,9 @@ def _train_step(model, images, labels):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name, kwargs', [('internimage_t', TINY_INTERNIMAGE),
-                                          ('convnext_atto', {})])
+@pytest.mark.parametrize('name, kwargs', [
+    pytest.param('internimage_t', TINY_INTERNIMAGE, marks=pytest.mark.extended),  # 3 min: make test-extended
+    ('convnext_atto', {})])
 def test_compiled_train_step_matches_eager(name, kwargs):
     """inductor (the engine's compile) against eager from the same weights: logits, every gradient and the
     weights after an SGD step, within OUT_RTOL / GRAD_RTOL; the state_dict keys stay the model's own."""

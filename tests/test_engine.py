@@ -757,6 +757,7 @@ def test_exact_resume_is_bitwise(shards, uninterrupted, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.extended  # 6 min (a cold inductor compile per run): make test-extended
 def test_exact_resume_is_bitwise_with_compile(shards, tmp_path):
     """run.compile: true (inductor through DeepSpeed's engine.compile, ZeRO-3 on 2 ranks): 3 steps, stop, resume, 3
     more == 6 uninterrupted compiled steps, bitwise (weights, EMA, losses); checkpoint and export keys are the
