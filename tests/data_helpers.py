@@ -17,6 +17,16 @@ IMAGENET_SAMPLES = os.path.join(REAL_DATA, "imagenet-1k-samples")
 IMAGENET_WNIDS = os.path.join(REAL_DATA, "imagenet-1k-wnids.txt")
 
 
+def write_cc12m_shards(out: str, per_shard: int) -> str:
+    """The 32 real CC12M samples written to ``out`` by our writer in shards of ``per_shard`` (with manifest.json)."""
+    from data_pipelines.writers import WriteOptions, list_webdataset, write_shards
+
+    samples, _ = list_webdataset(CC12M_TAR)
+    write_shards(samples, out, WriteOptions(samples_per_shard=per_shard, progress=False, prefix="cc12m"),
+                 kind="img2dataset", input_desc=CC12M_TAR)
+    return out
+
+
 def read_tar(path: str) -> dict[str, dict[str, bytes]]:
     """All samples of a (possibly gzip) tar as {key: {ext: bytes}}, with plain tarfile (independent of our code)."""
     samples: dict[str, dict[str, bytes]] = {}

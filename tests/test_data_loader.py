@@ -20,7 +20,16 @@ from data_pipelines.loader import SourceSpec, build_loader
 from data_pipelines.text import build_tokenizer, clean_caption
 from data_pipelines.transforms import build_train_transform
 from data_pipelines.writers import WriteOptions, list_webdataset, write_shards
-from tests.data_helpers import CC12M_TAR, MNIST_TGZ, REPO_ROOT, bad_samples, read_tar, unusual_images, write_tar
+from tests.data_helpers import (
+    CC12M_TAR,
+    MNIST_TGZ,
+    REPO_ROOT,
+    bad_samples,
+    read_tar,
+    unusual_images,
+    write_cc12m_shards,
+    write_tar,
+)
 
 SMALL = build_train_transform(32)
 
@@ -33,11 +42,7 @@ MAX_PIXELS = 10_000_000
 
 @pytest.fixture(scope="module")
 def cc12m_dir(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("cc12m") / "cc12m")
-    samples, _ = list_webdataset(CC12M_TAR)
-    write_shards(samples, out, WriteOptions(samples_per_shard=4, progress=False, prefix="cc12m"), kind="img2dataset",
-                 input_desc=CC12M_TAR)
-    return out
+    return write_cc12m_shards(str(tmp_path_factory.mktemp("cc12m") / "cc12m"), per_shard=4)
 
 
 @pytest.fixture(scope="module")

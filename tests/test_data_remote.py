@@ -21,8 +21,7 @@ from data_pipelines import cli
 from data_pipelines.loader import SourceSpec, _iterator_states, build_loader
 from data_pipelines.tario import RemoteOptions, count_tar_samples, iter_tar_samples, scan_shard, split_key_ext
 from data_pipelines.transforms import build_train_transform
-from data_pipelines.writers import WriteOptions, list_webdataset, write_shards
-from tests.data_helpers import CC12M_TAR, REPO_ROOT
+from tests.data_helpers import REPO_ROOT, write_cc12m_shards
 from tests.shard_server import ShardServer
 from tests.test_data_loader import collect, keys_of
 
@@ -34,11 +33,7 @@ NAMES = [f"cc12m-{i:06d}.tar" for i in range(4)]
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory) -> str:
     """The 32 real CC12M samples in 4 shards of 8, written by our writer (with manifest.json)."""
-    out = str(tmp_path_factory.mktemp("remote") / "cc12m")
-    samples, _ = list_webdataset(CC12M_TAR)
-    write_shards(samples, out, WriteOptions(samples_per_shard=8, progress=False, prefix="cc12m"), kind="img2dataset",
-                 input_desc=CC12M_TAR)
-    return out
+    return write_cc12m_shards(str(tmp_path_factory.mktemp("remote") / "cc12m"), per_shard=8)
 
 
 @pytest.fixture
