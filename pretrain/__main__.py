@@ -11,7 +11,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ops": ("pretrain.ops.__main__", "DCNv3 backends: `check` which work here and why not, `build` them ahead of time"),
     "demo": ("pretrain.demo", "run the bundled demo on the real data in ../shared/data/real"),
     "train": ("pretrain.engine.cli", "train a stage: CONFIG.yaml [key.sub=value ...] (torchrun/Slurm aware)"),
-    "plan": ("pretrain.engine.plan", "per-GPU memory of a config: CONFIG --world-size N --gpu-mem GB"),
+    "plan": ("pretrain.engine.plan", "per-GPU memory of a config: CONFIG --world-size N --gpu-mem GB; a cascade "
+             "at full scale (time, GPU-hours, checkpoints, preemption): --cascade FILE --gpus N"),
     "export": ("pretrain.export", "weights of a checkpoint as official / timm / safetensors / backbone files"),
     "scale": ("pretrain.scale", "InternImage's compound scaling: model kwargs, params, MACs for --phi F or --params N"),
 }

@@ -1,4 +1,6 @@
 """``python -m pretrain plan CONFIG --world-size N --gpu-mem GB``: per-GPU memory of a config, before renting GPUs.
+(``python -m pretrain plan --cascade CASCADE.yaml --gpus N``: a whole cascade's steps, time, GPU-hours, checkpoints,
+loader cores, preemption loss and memory fit, :mod:`pretrain.engine.cascade_plan`.)
 
 Model states per rank follow the ZeRO paper's accounting (Rajbhandari et al. 2020, §5) for Adam, with P parameters
 and N data-parallel ranks:
@@ -179,6 +181,10 @@ def plan(cfg, *, world_size: int, gpu_mem_gib: float, reserve_gib: float = 2.0, 
 def main(argv: list[str] | None = None) -> int:
     from pretrain.config import load_config_or_report
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == '--cascade' or a.startswith('--cascade=') for a in argv):
+        from pretrain.engine import cascade_plan
+        return cascade_plan.main(argv)
     parser = argparse.ArgumentParser(prog='python -m pretrain plan', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config')
