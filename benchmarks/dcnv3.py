@@ -455,7 +455,7 @@ def main() -> int:
         if not torch.cuda.is_available():
             parser.error("--device cuda needs a CUDA device")
         backends = args.backends.split(",") if args.backends else list(GPU_BACKENDS)
-        backends[1:1] = [f"ours@{t}" for t in args.block_threads.split(",") if t]
+        backends += [f"ours@{t}" for t in args.block_threads.split(",") if t]  # after the comparison rows
         rows = run_cuda((args.shapes or ",".join(GPU_SHAPES)).split(","), backends, args.dtypes.split(","),
                         args.repeats, args.budget_s, args.dcnv4_site, args.json)
         print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}, HBM peak "

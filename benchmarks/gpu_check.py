@@ -13,11 +13,17 @@ On a CUDA machine, in this order, each part under its own time budget (a part th
    capability, ``MAX_JOBS``), via ``python -m pretrain.ops build --cuda``; later parts load it from the cache.
 3. ``tests``: ``pytest -m gpu -rA`` over the DCNv3 CUDA tests, the InternImage kernel-vs-reference model test and
    tests/test_engine_gpu.py (the ZeRO-3 bf16 resume regression first); log and JUnit XML kept.
-4. ``throughput``: benchmarks/gpu_train.py, InternImage-T/-B vs ConvNeXt-T/-B, batch 64 then 128, 224 px, bf16,
-   AdamW, as many configurations as the budget allows (the rest reported not run).
-5. ``kernel``: ``benchmarks/dcnv3.py --device cuda``: our chunked kernel, DCNv4 (when its background build
+4. ``kernel``: ``benchmarks/dcnv3.py --device cuda``: our chunked kernel, DCNv4 (when its background build
    finished), the legacy kernel and the reference at the training shapes, fp32 and bf16, rows kept as they come.
-6. ``dcnv4``: whether the background DCNv4 build finished and imports (reported, not benchmarked).
+5. ``throughput``: benchmarks/gpu_train.py, InternImage-T/-B vs ConvNeXt-T/-B, batch 64 then 128, 224 px, bf16,
+   AdamW, as many configurations as the budget allows (the rest reported not run).
+6. ``h1gpu``: benchmarks/gpu_h.py, InternImage-H's M3I stage (configs/stage/internimage_h_m3i.yaml: ZeRO-3 bf16,
+   activation checkpointing, 224 px) on this one GPU: micro-batches growing until one runs out of memory, images/s,
+   peak memory against ``python -m pretrain plan``'s prediction (computed on the CPU in the background from setup on).
+7. ``dcnv4``: whether the background DCNv4 build finished and imports.
+
+``--parts`` runs a subset (the others are reported "not selected" and reserve no time); ``--tests`` replaces the
+pytest selection (comma-separated node ids), e.g. only ``tests/test_dcnv3_cuda.py`` after a kernel change.
 
 Without CUDA it rehearses: compiles the CUDA sources with nvcc for sm_90 (``GPU_CHECK_SKIP_NVCC=1`` skips this
 slow step), collects every test it would run (``pytest --collect-only -m gpu``), builds the benchmark models on the
@@ -48,7 +54,8 @@ DCNV4_SITE = Path('/tmp/dcnv4')
 SCRATCH = Path('/tmp/gpu-check')  # intermediate files, merged into the report ($OUT brings back 8 files at most)
 ANCHOR = 'DCNv4-1.0.0.post2.tar.gz'
 # Seconds each part needs at least; a part gets whatever the total leaves after the later parts' minimums.
-MIN_BUDGET_S = {'setup': 60, 'build': 150, 'tests': 170, 'throughput': 70, 'kernel': 40}
+MIN_BUDGET_S = {'setup': 60, 'build': 120, 'tests': 120, 'kernel': 40, 'throughput': 50, 'h1gpu': 90}
+H_CONFIG = 'configs/stage/internimage_h_m3i.yaml'
 GPU_TESTS = [  # the ZeRO-3 misaligned-address regression first: it is the headline claim
     'tests/test_engine_gpu.py::test_supervised_bf16_trains_and_resumes_on_one_gpu[3]',
     'tests/test_dcnv3_cuda.py',
@@ -64,8 +71,11 @@ GPU_TESTS = [  # the ZeRO-3 misaligned-address regression first: it is the headl
 class Check:
     """The report being built: one entry per part, the log, the time left."""
 
-    def __init__(self, out: Path, total_s: float):
+    def __init__(self, out: Path, total_s: float, parts: list[str] | None = None):
         self.out, self.deadline, self.t_start = out, time.monotonic() + total_s, time.monotonic()
+        self.selected = list(parts or MIN_BUDGET_S)
+        self.models = 'internimage_t,convnext_tiny,internimage_b,convnext_base'  # throughput part, in this order
+        self.block_threads = ''  # kernel part: also time ours at these threads per block (launch-table tuning)
         self.parts: dict[str, dict] = {}
         self.log = (out / 'logs.txt').open('a')
         self.env = dict(os.environ, PYTHONUNBUFFERED='1')
@@ -73,7 +83,13 @@ class Check:
     def budget(self, part: str) -> float:
         """Seconds ``part`` may use: the time left minus the minimum budgets of the parts after it."""
         later = list(MIN_BUDGET_S)[list(MIN_BUDGET_S).index(part) + 1:] if part in MIN_BUDGET_S else []
-        return self.deadline - time.monotonic() - sum(MIN_BUDGET_S[p] for p in later)
+        return self.deadline - time.monotonic() - sum(MIN_BUDGET_S[p] for p in later if p in self.selected)
+
+    def wants(self, part: str) -> bool:
+        """Whether ``part`` was selected (``--parts``); one that was not is reported so."""
+        if part not in self.selected:
+            self.parts[part] = {'status': 'not run', 'reason': 'not selected (--parts)'}
+        return part in self.selected
 
     def run(self, part: str, cmd: list[str], budget_s: float, log: Path | None = None, **extra) -> dict:
         """Runs ``cmd`` in its own process group (killed whole on timeout); records status, seconds and output tail."""
@@ -172,10 +188,15 @@ def setup(check: Check, cuda: bool) -> subprocess.Popen | None:
     anchors = [p for p in (CARRY / 'anchors' / ANCHOR, REPO.parent / 'shared' / 'anchors' / ANCHOR) if p.is_file()]
     if not anchors:
         info['dcnv4'] = f'{ANCHOR} not carried (.whl/anchors/)'
+    elif 'kernel' not in check.selected:
+        info['dcnv4'] = 'not built: only the kernel part uses it'
     elif cuda:
         log = (SCRATCH / 'dcnv4-build.log').open('w')
-        dcnv4 = subprocess.Popen(check.py('-m', 'pip', 'install', '--no-index', '--no-deps', '--no-build-isolation',
-                                          '--target', str(DCNV4_SITE), str(anchors[0])),
+        # Niced: it compiles beside our build (one nvcc process: the cores are idle) and then beside the timed parts,
+        # which must keep the host (a host-bound training step slows with a busy host); 'concurrent' says when.
+        dcnv4 = subprocess.Popen(['nice', '-n', '19', *check.py('-m', 'pip', 'install', '--no-index', '--no-deps',
+                                                                '--no-build-isolation', '--target', str(DCNV4_SITE),
+                                                                str(anchors[0]))],
                                  cwd=REPO, env=dict(check.env, MAX_JOBS='8'), stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         info['dcnv4'] = f'building {anchors[0]} in the background'
@@ -208,33 +229,79 @@ def build_both_cmd() -> list[str]:
     return ['bash', '-c', f'{py} -m pretrain.ops build & cpu=$!; {py} -c "{cuda}"; r=$?; wait $cpu; exit $((r | $?))']
 
 
-def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Popen | None) -> None:
+def start_h_plan(check: Check, facts: dict) -> subprocess.Popen | None:
+    """``python -m pretrain plan`` for InternImage-H's M3I stage at 1 rank on this GPU's memory, in the background on
+    the CPU (it builds the model and measures activations there), for the h1gpu part to compare against."""
+    if 'h1gpu' not in check.selected:
+        return None
+    plan_json = SCRATCH / 'h-plan.json'
+    plan_json.unlink(missing_ok=True)
+    return subprocess.Popen(['nice', '-n', '19', *check.py('-m', 'pretrain', 'plan', H_CONFIG, '--world-size', '1',
+                                                           '--gpu-mem', str(facts.get('memory_gib') or 80), '--json')],
+                            cwd=REPO, env=dict(check.env, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='2'),
+                            stdout=plan_json.open('w'), stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Popen | None,
+            h_plan: subprocess.Popen | None, tests: list[str]) -> None:
     if check.finish('build', build, arch=facts['capability'])['status'] == 'timeout':
         # A lock file left by the killed build: torch versions that lock with a baton file would wait on it forever.
         for lock in (SCRATCH / 'dcnv3-cache').rglob('lock'):
             lock.unlink(missing_ok=True)
-    check.run('tests', check.py('-m', 'pytest', '-m', 'gpu', '-rA', '-p', 'no:cacheprovider',
-                                f'--junitxml={check.out / "pytest-junit.xml"}', *GPU_TESTS),
-              check.budget('tests'), log=check.out / 'pytest.log')
-    train_json = SCRATCH / 'gpu_train.json'
-    train_json.unlink(missing_ok=True)  # never report a killed earlier run's rows
-    budget = check.budget('throughput')  # T pair first, then B, then batch 128; what does not fit is 'not run'
-    part = check.run('throughput', check.py('benchmarks/gpu_train.py', '--models',
-                                            'internimage_t,convnext_tiny,internimage_b,convnext_base',
-                                            '--batches', '64,128', '--json', str(train_json),
-                                            '--budget-s', str(max(budget - 45, 1))), budget)
-    if train_json.is_file():
-        part['rows'] = json.loads(train_json.read_text())
-        train_json.unlink()  # the rows live in the report
-    kernel_json = SCRATCH / 'dcnv3.json'
-    kernel_json.unlink(missing_ok=True)
-    budget = check.budget('kernel')  # ours, DCNv4, legacy, reference: each backend one process over every shape
-    part = check.run('kernel', check.py('benchmarks/dcnv3.py', '--device', 'cuda', '--repeats', '5', '--json',
-                                        str(kernel_json), '--dcnv4-site', str(DCNV4_SITE),
-                                        '--budget-s', str(max(budget - 10, 1))), budget)
-    if kernel_json.is_file():
-        part['rows'] = json.loads(kernel_json.read_text())
-        kernel_json.unlink()
+    background = {'dcnv4 build': dcnv4, 'H plan (CPU)': h_plan}
+
+    def concurrent() -> list[str]:
+        """The niced background jobs still running as a timed part starts (reported beside its figures)."""
+        return [k for k, proc in background.items() if proc is not None and proc.poll() is None]
+
+    if check.wants('tests'):
+        check.run('tests', check.py('-m', 'pytest', '-m', 'gpu', '-rA', '-p', 'no:cacheprovider',
+                                    f'--junitxml={check.out / "pytest-junit.xml"}', *tests),
+                  check.budget('tests'), log=check.out / 'pytest.log')
+    if check.wants('kernel'):
+        kernel_json = SCRATCH / 'dcnv3.json'
+        kernel_json.unlink(missing_ok=True)
+        budget = check.budget('kernel')  # ours, DCNv4, legacy, reference: each backend one process over every shape
+        part = check.run('kernel', check.py('benchmarks/dcnv3.py', '--device', 'cuda', '--repeats', '20', '--json',
+                                            str(kernel_json), '--dcnv4-site', str(DCNV4_SITE),
+                                            '--block-threads', check.block_threads,
+                                            '--backends', 'ours,legacy,reference,dcnv4',  # DCNv4 late: it builds
+                                            '--budget-s', str(max(budget - 10, 1))), budget, concurrent=concurrent())
+        if kernel_json.is_file():
+            part['rows'] = json.loads(kernel_json.read_text())
+            kernel_json.unlink()
+    if check.wants('throughput'):
+        train_json = SCRATCH / 'gpu_train.json'
+        train_json.unlink(missing_ok=True)  # never report a killed earlier run's rows
+        budget = check.budget('throughput')  # T pair first, then B, then batch 128; what does not fit is 'not run'
+        part = check.run('throughput', check.py('benchmarks/gpu_train.py', '--models', check.models,
+                                                '--batches', '64,128', '--json', str(train_json), '--profile',
+                                                '--budget-s', str(max(budget - 45, 1))), budget,
+                         concurrent=concurrent())
+        if train_json.is_file():
+            part['rows'] = json.loads(train_json.read_text())
+            train_json.unlink()  # the rows live in the report
+    if check.wants('h1gpu'):
+        plan_json, h_json = SCRATCH / 'h-plan.json', SCRATCH / 'gpu_h.json'
+        h_json.unlink(missing_ok=True)
+        plan_state = 'not started'
+        if h_plan is not None:
+            try:  # it started minutes ago; a plan still running after a short wait is left out, not waited for
+                plan_state = f'rc {h_plan.wait(timeout=20)}'
+            except subprocess.TimeoutExpired:
+                os.killpg(h_plan.pid, signal.SIGKILL)
+                plan_state = 'still running: killed, no prediction'
+        budget = check.budget('h1gpu')
+        plan_ok = plan_json.is_file() and plan_json.stat().st_size > 0 and plan_state == 'rc 0'
+        part = check.run('h1gpu', check.py('benchmarks/gpu_h.py', '--config', H_CONFIG, '--json', str(h_json),
+                                           *(['--plan-json', str(plan_json)] if plan_ok else []),
+                                           '--budget-s', str(max(budget - 30, 1))),
+                         budget, plan=plan_state, concurrent=concurrent())
+        if plan_ok:
+            part['plan_result'] = json.loads(plan_json.read_text())
+        if h_json.is_file():
+            part['rows'] = json.loads(h_json.read_text())
+            h_json.unlink()
     if dcnv4 is None:
         check.parts['dcnv4'] = {'status': 'not run', 'reason': check.parts['setup'].get('dcnv4')}
     elif dcnv4.poll() is None:
@@ -245,26 +312,31 @@ def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Po
         env = dict(check.env, PYTHONPATH=os.pathsep.join([str(DCNV4_SITE), check.env.get('PYTHONPATH', '')]))
         check.parts['dcnv4'] = {'status': 'passed' if ok else 'failed', 'rc': dcnv4.returncode,
                                 'import': capture(check.py('-c', 'import DCNv4; print(DCNv4.__file__)'), env)
-                                if ok else None,
-                                'note': 'built and imported only; the DCNv3-vs-DCNv4 timing is not part of this run'}
+                                if ok else None}
     log = SCRATCH / 'dcnv4-build.log'
     if log.is_file():
         check.log.write('\n===== dcnv4 build\n' + log.read_text(errors='replace')[-20000:])
         log.unlink()
 
 
-def rehearse(check: Check, build: tuple | None) -> None:
+def rehearse(check: Check, build: tuple | None, tests: list[str]) -> None:
     """The CPU rehearsal: nvcc for sm_90, test collection, benchmark imports and models on the meta device."""
     if build is not None:  # else the report already says why not (GPU_CHECK_SKIP_NVCC=1)
         check.finish('build', build, arch='9.0 (nvcc only, no device)')
-    check.run('tests', check.py('-m', 'pytest', '--collect-only', '-q', '-m', 'gpu', '-p', 'no:cacheprovider',
-                                *GPU_TESTS), check.budget('tests'), log=check.out / 'pytest.log', mode='collect-only')
-    check.run('throughput', check.py('benchmarks/gpu_train.py', '--dry-run'), check.budget('throughput'),
-              mode='models built on the meta device')
-    check.run('kernel', check.py('-c', 'import sys; sys.argv = ["dcnv3"]; sys.path.insert(0, "benchmarks"); '
-                                      'import dcnv3; assert {"T1", "H3"} <= set(dcnv3.GPU_SHAPES); '
-                                      'from pretrain.ops import dcnv3_core, dcnv3_core_pytorch'),
-              check.budget('kernel'), mode='import only')
+    if check.wants('tests'):
+        check.run('tests', check.py('-m', 'pytest', '--collect-only', '-q', '-m', 'gpu', '-p', 'no:cacheprovider',
+                                    *tests), check.budget('tests'), log=check.out / 'pytest.log', mode='collect-only')
+    if check.wants('kernel'):
+        check.run('kernel', check.py('-c', 'import sys; sys.argv = ["dcnv3"]; sys.path.insert(0, "benchmarks"); '
+                                          'import dcnv3; assert {"T1", "H3"} <= set(dcnv3.GPU_SHAPES); '
+                                          'from pretrain.ops import dcnv3_core, dcnv3_core_pytorch'),
+                  check.budget('kernel'), mode='import only')
+    if check.wants('throughput'):
+        check.run('throughput', check.py('benchmarks/gpu_train.py', '--dry-run'), check.budget('throughput'),
+                  mode='models built on the meta device')
+    if check.wants('h1gpu'):
+        check.run('h1gpu', check.py('benchmarks/gpu_h.py', '--config', H_CONFIG, '--dry-run'), check.budget('h1gpu'),
+                  mode='config resolved, model built on the meta device')
     check.parts['dcnv4'] = {'status': 'not run', 'reason': check.parts['setup'].get('dcnv4')}
 
 
@@ -304,6 +376,23 @@ def write_report(check: Check, facts: dict, cuda: bool) -> None:
         sys.path.insert(0, str(REPO / 'benchmarks'))
         import dcnv3
         md += ['', '## DCNv3 kernel (benchmarks/dcnv3.py)', '', dcnv3.table(rows)]
+    rows = check.parts.get('h1gpu', {}).get('rows')
+    if rows:
+        r0 = rows[0]
+        md += ['', f'## InternImage-H on one GPU ({H_CONFIG}: {r0["objective"]}, ZeRO-{r0["zero_stage"]} '
+                   f'{r0["precision"]}, checkpointing {r0["grad_checkpointing"]}, {r0["img_size"]} px)', '',
+               f'{r0["params"] / 1e6:.0f}M parameters; Trainer built in {r0["trainer_build_s"]} s.', '',
+               '| micro-batch | images/s | step ms | peak GiB allocated | peak GiB reserved | plan GiB '
+               '| measured / plan |',
+               '|---|---|---|---|---|---|---|']
+        for r in rows:
+            pred = f'{r["predicted_alloc_gib"]:.1f}' if r.get('predicted_alloc_gib') else ''
+            if 'error' in r:
+                md.append(f'| {r["batch"]} | {r["error"][:100]} | | | | {pred} | |')
+            else:
+                ratio = f'{r["measured_over_predicted"]:.2f}' if r.get('measured_over_predicted') else ''
+                md.append(f'| {r["batch"]} | {r["images_per_s"]:.1f} | {r["step_ms"]:.0f} | {r["peak_mem_gib"]:.1f} | '
+                          f'{r["peak_reserved_gib"]:.1f} | {pred} | {ratio} |')
     tests = check.parts.get('tests', {})
     if tests.get('tail'):
         summary = [ln for ln in tests['tail'].splitlines() if ln.startswith(('PASSED', 'FAILED', 'ERROR', 'SKIPPED'))
@@ -318,14 +407,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--total-s', type=float, default=None,
                         help='wall-clock budget of the whole check (default $GPU_CHECK_TOTAL_S, else 450 s = 7.5 min '
                              'on a GPU and 1500 s for the rehearsal on a shared CPU machine)')
+    parser.add_argument('--parts', default=','.join(p for p in MIN_BUDGET_S if p != 'setup'),
+                        help='comma-separated subset of ' + ','.join(p for p in MIN_BUDGET_S if p != 'setup'))
+    parser.add_argument('--tests', default=','.join(GPU_TESTS), help='pytest node ids, comma-separated')
+    parser.add_argument('--models', default='internimage_t,convnext_tiny,internimage_b,convnext_base',
+                        help='throughput part: the models, each batch size in turn (benchmarks/gpu_train.py)')
+    parser.add_argument('--block-threads', default='', help="kernel part: also time 'ours' at these threads per "
+                        'block, e.g. 64,128,256 (benchmarks/dcnv3.py --block-threads)')
     args = parser.parse_args(argv)
+    parts = ['setup', *args.parts.split(',')]
+    unknown = sorted(set(parts) - set(MIN_BUDGET_S))
+    if unknown:
+        parser.error(f'--parts: unknown {", ".join(unknown)} (known: {", ".join(MIN_BUDGET_S)})')
+    tests = [t for t in args.tests.split(',') if t]
     stamp = datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')
     out = args.out or Path(os.environ.get('OUT') or REPO / 'runs' / 'gpu-check' / stamp)
     out.mkdir(parents=True, exist_ok=True)
     SCRATCH.mkdir(parents=True, exist_ok=True)
     cuda = capture([sys.executable, '-c', 'import torch; print(torch.cuda.is_available())']).endswith('True')
     total_s = args.total_s or float(os.environ.get('GPU_CHECK_TOTAL_S') or (450 if cuda else 1500))
-    check = Check(out, total_s)
+    check = Check(out, total_s, parts)
+    check.block_threads, check.models = args.block_threads, args.models
     facts: dict = {}
     try:
         facts = gpu_facts(check)
@@ -334,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             arch = facts['capability']
             check.env.update(DCNV3_CUDA_ARCH_LIST=arch, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(os.cpu_count() or 8),
                              DS_ACCELERATOR='cuda', DCNV3_BUILD_DIR=str(SCRATCH / 'dcnv3-cache'))
-            build = check.start('build', build_both_cmd(), check.budget('build'))
+            build = check.start('build', build_both_cmd(), check.budget('build')) if check.wants('build') else None
+        elif not check.wants('build'):
+            build = None
         elif os.environ.get('GPU_CHECK_SKIP_NVCC') == '1':
             check.parts['build'] = {'status': 'not run', 'reason': 'GPU_CHECK_SKIP_NVCC=1'}
             build = None
@@ -342,7 +446,10 @@ def main(argv: list[str] | None = None) -> int:
             check.env.update(DCNV3_CUDA_ARCH_LIST='9.0')
             build = check.start('build', check.py('-m', 'pretrain.ops', 'build', '--cuda'), check.budget('build'))
         dcnv4 = setup(check, cuda)
-        run_gpu(check, facts, build, dcnv4) if cuda else rehearse(check, build)
+        if cuda:
+            run_gpu(check, facts, build, dcnv4, start_h_plan(check, facts), tests)
+        else:
+            rehearse(check, build, tests)
     finally:
         for part in MIN_BUDGET_S:
             check.parts.setdefault(part, {'status': 'not run', 'reason': 'an earlier part raised'})

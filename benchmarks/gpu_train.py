@@ -11,6 +11,8 @@ Model FLOP utilisation: forward + backward FLOPs of one step counted once by ``t
 (convolutions and matrix products; the DCNv3 core op is not counted, so InternImage's MFU is a slight
 underestimate), divided by the median step time and the GPU's dense bf16 peak (``--peak-tflops``, default from the
 device name: H100/H200 989). A configuration that runs out of memory is reported as such and the others go on.
+``--profile`` adds one profiled step per configuration: the share of the step during which GPU kernels ran and the
+host operators that took the most CPU time (a share well below 1 means the host sets the pace, not the GPU).
 Without CUDA, ``--dry-run`` builds each model on the meta device (what the CPU rehearsal of ``make gpu-check`` does).
 """
 from __future__ import annotations
@@ -44,7 +46,29 @@ def _build(name: str, device: str) -> torch.nn.Module:
     return timm.create_model(name, drop_path_rate=0.1, **kwargs).to(device)
 
 
-def bench_one(name: str, batch: int, steps: int, warmup: int) -> dict:
+def profile_step(step, name: str, batch: int, top: int = 12) -> dict:
+    """One step under torch.profiler: the share of the step's wall time during which GPU kernels ran (well below 1:
+    the host, not the GPU, sets the pace) and the host-side operators that took the most CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    events = prof.key_averages()
+    # Kernels only: an operator's self device time repeats its kernels' (summing every row counts them twice).
+    device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+    launches = sum(e.count for e in events if e.key in ('cudaLaunchKernel', 'cuLaunchKernel', 'cudaLaunchKernelExC'))
+    print(f'--- profile of one step: {name}, batch {batch}: wall {wall_us / 1e3:.1f} ms (profiled), GPU kernels '
+          f'{device_us / 1e3:.1f} ms ({device_us / wall_us:.0%} busy), {launches} kernel launches', flush=True)
+    print(events.table(sort_by='self_cpu_time_total', row_limit=top), flush=True)
+    return {'profiled_wall_ms': wall_us / 1e3, 'gpu_kernel_ms': device_us / 1e3, 'gpu_busy': device_us / wall_us,
+            'kernel_launches': launches}
+
+
+def bench_one(name: str, batch: int, steps: int, warmup: int, profile: bool = False) -> dict:
     """images/s, median step ms, counted step FLOPs and peak memory of one (model, batch) on cuda:0."""
     torch.manual_seed(0)
     model = _build(name, 'cuda').train()
@@ -78,7 +102,8 @@ def bench_one(name: str, batch: int, steps: int, warmup: int) -> dict:
         end.synchronize()
         times_ms.append(start.elapsed_time(end))
     median_ms = statistics.median(times_ms)
-    return {'model': name, 'batch': batch, 'channels_last': fmt is torch.channels_last, 'steps': steps,
+    prof = profile_step(step, name, batch) if profile else {}
+    return {**prof, 'model': name, 'batch': batch, 'channels_last': fmt is torch.channels_last, 'steps': steps,
             'median_step_ms': median_ms, 'min_step_ms': min(times_ms), 'images_per_s': batch / median_ms * 1e3,
             'step_gflop_counted': counter.get_total_flops() / 1e9,
             'peak_mem_gib': torch.cuda.max_memory_allocated() / 2**30,
@@ -96,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--budget-s', type=float, default=None,
                         help='start no configuration after this many seconds; the rest are reported as not run')
     parser.add_argument('--dry-run', action='store_true', help='build every model on the meta device and exit')
+    parser.add_argument('--profile', action='store_true',
+                        help='after timing, profile one step per configuration: GPU busy share, top host operators')
     args = parser.parse_args(argv)
     names = [m for m in args.models.split(',') if m]
     batches = [int(b) for b in args.batches.split(',') if b]
@@ -115,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({'model': name, 'batch': batch, 'error': f'not run: past --budget-s {args.budget_s:.0f}'})
                 continue
             try:
-                row = bench_one(name, batch, args.steps, args.warmup)
+                row = bench_one(name, batch, args.steps, args.warmup, args.profile)
             except torch.cuda.OutOfMemoryError as exc:
                 row = {'model': name, 'batch': batch, 'error': f'out of memory: {str(exc).splitlines()[0]}'}
             torch.cuda.empty_cache()
