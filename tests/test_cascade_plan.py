@@ -150,6 +150,16 @@ def test_arithmetic_of_a_two_stage_plan(tmp_path):
     assert any(x['status'] == 'measured' for x in p['assumptions'])
 
 
+def test_calibration_objective_alias(tmp_path):
+    """'m3i' and 'multi' name one objective, on the rows and in the call: the m3i row is taken, not the faster
+    supervised one."""
+    rows = [{'model': 'internimage_h', 'objective': 'supervised', 'img_size': 224, 'images_per_s': 50.0},
+            {'model': 'internimage_h', 'objective': 'm3i', 'img_size': 224, 'images_per_s': 4.7}]
+    for objective in ('m3i', 'multi'):
+        ref = read_calibration(_report(tmp_path, rows), model='internimage_h', objective=objective, img_size=224)
+        assert (ref.images_per_s, ref.objective) == (4.7, 'multi'), objective
+
+
 def test_cli_text_memory_fit_and_img_per_s_override(tmp_path, capsys):
     path = _cascade(tmp_path, [{'name': 'only', 'train_config': TINY,
                                 'overrides': ['schedule.epochs=null', 'schedule.total_steps=40']}])

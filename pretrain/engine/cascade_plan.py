@@ -213,7 +213,7 @@ def read_calibration(path: str | Path, *, model: str, objective: str, img_size: 
     """The best ``images_per_s`` row of ``parts.h1gpu.rows`` in the gpu-report ``path`` for ``model``, preferring rows
     of ``objective`` ('supervised' / 'multi', alias 'm3i') and ``img_size`` (a row without a key is taken to match,
     ``grad_checkpointing`` included). PlanError naming the file and key when there is no such row."""
-    path = Path(path)
+    path, objective = Path(path), _objective_name(objective)  # rows and callers may spell it 'm3i'
     try:
         report = json.loads(path.read_text())
     except FileNotFoundError:
