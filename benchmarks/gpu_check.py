@@ -36,6 +36,7 @@ Exit status: 0 when every part that ran passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -77,6 +78,7 @@ class Check:
         self.models = 'internimage_t,convnext_tiny,internimage_b,convnext_base'  # throughput part, in this order
         self.block_threads = ''  # kernel part: also time ours at these threads per block (launch-table tuning)
         self.parts: dict[str, dict] = {}
+        self.background: list[subprocess.Popen] = []  # killed at the end if still running (main's finally)
         self.log = (out / 'logs.txt').open('a')
         self.env = dict(os.environ, PYTHONUNBUFFERED='1')
 
@@ -191,14 +193,15 @@ def setup(check: Check, cuda: bool) -> subprocess.Popen | None:
     elif 'kernel' not in check.selected:
         info['dcnv4'] = 'not built: only the kernel part uses it'
     elif cuda:
-        log = (SCRATCH / 'dcnv4-build.log').open('w')
         # Niced: it compiles beside our build (one nvcc process: the cores are idle) and then beside the timed parts,
         # which must keep the host (a host-bound training step slows with a busy host); 'concurrent' says when.
-        dcnv4 = subprocess.Popen(['nice', '-n', '19', *check.py('-m', 'pip', 'install', '--no-index', '--no-deps',
-                                                                '--no-build-isolation', '--target', str(DCNV4_SITE),
-                                                                str(anchors[0]))],
-                                 cwd=REPO, env=dict(check.env, MAX_JOBS='8'), stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        with (SCRATCH / 'dcnv4-build.log').open('w') as log:  # the child keeps its own descriptor
+            dcnv4 = subprocess.Popen(['nice', '-n', '19', *check.py('-m', 'pip', 'install', '--no-index', '--no-deps',
+                                                                    '--no-build-isolation', '--target',
+                                                                    str(DCNV4_SITE), str(anchors[0]))],
+                                     cwd=REPO, env=dict(check.env, MAX_JOBS='8'), stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        check.background.append(dcnv4)
         info['dcnv4'] = f'building {anchors[0]} in the background'
     else:
         info['dcnv4'] = f'{anchors[0]} present; built only on a CUDA machine'
@@ -236,10 +239,14 @@ def start_h_plan(check: Check, facts: dict) -> subprocess.Popen | None:
         return None
     plan_json = SCRATCH / 'h-plan.json'
     plan_json.unlink(missing_ok=True)
-    return subprocess.Popen(['nice', '-n', '19', *check.py('-m', 'pretrain', 'plan', H_CONFIG, '--world-size', '1',
-                                                           '--gpu-mem', str(facts.get('memory_gib') or 80), '--json')],
-                            cwd=REPO, env=dict(check.env, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='2'),
-                            stdout=plan_json.open('w'), stderr=subprocess.DEVNULL, start_new_session=True)
+    with plan_json.open('w') as out, (SCRATCH / 'h-plan.log').open('w') as err:  # the child keeps its descriptors
+        proc = subprocess.Popen(['nice', '-n', '19', *check.py('-m', 'pretrain', 'plan', H_CONFIG, '--world-size', '1',
+                                                               '--gpu-mem', str(facts.get('memory_gib') or 80),
+                                                               '--json')],
+                                cwd=REPO, env=dict(check.env, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='2'),
+                                stdout=out, stderr=err, start_new_session=True)
+    check.background.append(proc)
+    return proc
 
 
 def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Popen | None,
@@ -290,15 +297,24 @@ def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Po
                 plan_state = f'rc {h_plan.wait(timeout=20)}'
             except subprocess.TimeoutExpired:
                 os.killpg(h_plan.pid, signal.SIGKILL)
+                h_plan.wait()
                 plan_state = 'still running: killed, no prediction'
+            plan_log = SCRATCH / 'h-plan.log'
+            if plan_state not in ('rc 0', 'still running: killed, no prediction') and plan_log.is_file():
+                plan_state += ': ' + plan_log.read_text(errors='replace')[-1500:]  # why the plan failed
         budget = check.budget('h1gpu')
         plan_ok = plan_json.is_file() and plan_json.stat().st_size > 0 and plan_state == 'rc 0'
+        if plan_ok:
+            try:
+                plan_result = json.loads(plan_json.read_text())
+            except json.JSONDecodeError as exc:  # anything else printed on stdout: no prediction, not a crash
+                plan_ok, plan_state = False, f'rc 0, but {plan_json} is not JSON: {exc}'
         part = check.run('h1gpu', check.py('benchmarks/gpu_h.py', '--config', H_CONFIG, '--json', str(h_json),
                                            *(['--plan-json', str(plan_json)] if plan_ok else []),
                                            '--budget-s', str(max(budget - 30, 1))),
                          budget, plan=plan_state, concurrent=concurrent())
         if plan_ok:
-            part['plan_result'] = json.loads(plan_json.read_text())
+            part['plan_result'] = plan_result
         if h_json.is_file():
             part['rows'] = json.loads(h_json.read_text())
             h_json.unlink()
@@ -451,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rehearse(check, build, tests)
     finally:
+        for proc in check.background:  # a part that raised leaves the DCNv4 build or the H plan running
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         for part in MIN_BUDGET_S:
             check.parts.setdefault(part, {'status': 'not run', 'reason': 'an earlier part raised'})
         write_report(check, facts, cuda)
