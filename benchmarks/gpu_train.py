@@ -7,10 +7,13 @@ Each (model, batch) does forward + cross-entropy + backward + torch.optim.AdamW 
 224x224 on random inputs, train mode, drop_path_rate 0.1; ConvNeXt runs channels-last (its convolutions are faster
 so), InternImage in its own layout (its blocks already work in NHWC). After ``--warmup`` steps (kernel build and
 cuDNN autotuning), ``--steps`` steps are timed with CUDA events and synchronisation; images/s is batch / median step.
-Model FLOP utilisation: forward + backward FLOPs of one step counted once by ``torch.utils.flop_counter``
-(convolutions and matrix products; the DCNv3 core op is not counted, so InternImage's MFU is a slight
-underestimate), divided by the median step time and the GPU's dense bf16 peak (``--peak-tflops``, default from the
-device name: H100/H200 989). A configuration that runs out of memory is reported as such and the others go on.
+Model FLOP utilisation: training FLOPs of one step, 3 x the forward's as ``torch.utils.flop_counter`` counts it
+(convolutions and matrix products, plus the DCNv3 core at 5 multiply-adds per channel and point: the count of
+``python -m pretrain plan --cascade``, :func:`pretrain.engine.cascade_plan.train_flops_per_image`; the backward is
+not counted directly because ``FlopCounterMode`` counts the weight gradient of depth-wise and grouped convolutions
+as if they were dense, 2.9x ConvNeXt-T's true step), divided by the median step time and the GPU's dense bf16 peak
+(``--peak-tflops``, default from the device name: H100/H200 989). A configuration that runs out of memory is
+reported as such and the others go on.
 ``--profile`` adds one profiled step per configuration: the share of the step during which GPU kernels ran and the
 host operators that took the most CPU time (a share well below 1 means the host sets the pace, not the GPU).
 Without CUDA, ``--dry-run`` builds each model on the meta device (what the CPU rehearsal of ``make gpu-check`` does).
@@ -68,6 +71,18 @@ def profile_step(step, name: str, batch: int, top: int = 12) -> dict:
             'kernel_launches': launches}
 
 
+def train_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one training step on ``x``: 3 x the counted forward (backward = 2 x forward; see the docstring)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pretrain.engine.cascade_plan import _register_dcnv3_flops
+    _register_dcnv3_flops()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(x.device.type, dtype=torch.bfloat16):
+        model(x)
+    return 3 * counter.get_total_flops()
+
+
 def bench_one(name: str, batch: int, steps: int, warmup: int, profile: bool = False) -> dict:
     """images/s, median step ms, counted step FLOPs and peak memory of one (model, batch) on cuda:0."""
     torch.manual_seed(0)
@@ -88,10 +103,7 @@ def bench_one(name: str, batch: int, steps: int, warmup: int, profile: bool = Fa
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
+    step_flops = train_flops(model, x)
     torch.cuda.reset_peak_memory_stats()
     times_ms = []
     for _ in range(steps):
@@ -105,7 +117,7 @@ def bench_one(name: str, batch: int, steps: int, warmup: int, profile: bool = Fa
     prof = profile_step(step, name, batch) if profile else {}
     return {**prof, 'model': name, 'batch': batch, 'channels_last': fmt is torch.channels_last, 'steps': steps,
             'median_step_ms': median_ms, 'min_step_ms': min(times_ms), 'images_per_s': batch / median_ms * 1e3,
-            'step_gflop_counted': counter.get_total_flops() / 1e9,
+            'step_gflop_counted': step_flops / 1e9,
             'peak_mem_gib': torch.cuda.max_memory_allocated() / 2**30,
             'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
 
