@@ -11,9 +11,9 @@ fp32 offsets and mask, as under autocast), forward and forward+backward, for the
 'dcnv4' (the DCNv4 package with its own launch table, when it imports; ``--dcnv4-site`` adds its install folder),
 'legacy' (the one-thread-per-channel kernel, DCNV3_CUDA_KERNEL=legacy) and 'reference' (grid_sample). One subprocess
 per backend, rows kept as they arrive, ``--budget-s`` caps the whole run. ``--block-threads 64,128,256`` adds
-'ours@T' rows with DCNV3_CUDA_THREADS=T, to tune the launch table in csrc/dcnv3/dcnv3_cuda.cu. Each row gives the
-median time over CUDA events, the bytes the operator must move (operator_bytes), GB/s and the share of the GPU's HBM
-bandwidth (HBM_PEAK_GBS), and speed-ups over the reference and DCNv4 from the same run:
+'ours@T' rows with DCNV3_CUDA_THREADS=T, to tune the launch table in csrc/dcnv3/dcnv3_cuda_kernels.cuh. Each row
+gives the median time over CUDA events, the bytes the operator must move (operator_bytes), GB/s and the share of the
+GPU's HBM bandwidth (HBM_PEAK_GBS), and speed-ups over the reference and DCNv4 from the same run:
 
     python benchmarks/dcnv3.py --device cuda --repeats 20 --json rows.json
     python benchmarks/dcnv3.py --device cuda --shapes T1 --backends ours,legacy --block-threads 64,128,256

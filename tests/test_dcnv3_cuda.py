@@ -94,8 +94,8 @@ def test_cuda_module_under_bf16_autocast(cuda_kernel):
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
 
 
-# The chunked kernels' own cases: each path of csrc/dcnv3/dcnv3_cuda.cu (vector / scalar forward, K=9 in registers /
-# any K, backward lanes 2..16, the legacy fallback) on shapes the shared SHAPES do not reach in fp32.
+# The chunked kernels' own cases: each path of csrc/dcnv3/dcnv3_cuda_kernels.cuh (vector / scalar forward, K=9 in
+# registers / any K, backward lanes 2..16, the legacy fallback) on shapes the shared SHAPES do not reach in fp32.
 CHUNKED_SHAPES = {
     **SHAPES,
     "gc16_k5": (2, 9, 8, 2, 16, 5, 1, 2, 1, 1.0, False, 2.0),  # fp32: 4 lanes, P=25 read per point

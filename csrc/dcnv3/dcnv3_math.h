@@ -8,8 +8,8 @@
 // regular kernel grid and the learned offsets. Bilinear sampling reads zeros outside the image, exactly as
 // grid_sample(align_corners=False, padding_mode='zeros') does on pixel coordinates.
 //
-// The CPU kernel (dcnv3_cpu.cpp) and the CUDA kernel (dcnv3_cuda.cu) differ only in how they map work to threads and
-// how they add into grad_input; everything numerical lives here, so the CPU tests exercise the GPU's math too.
+// The CPU kernel (dcnv3_cpu.cpp) and the CUDA kernel (dcnv3_cuda_kernels.cuh) differ only in how they map work to
+// threads and how they add into grad_input; everything numerical lives here, so the CPU tests exercise the GPU's math too.
 #pragma once
 
 #include <cmath>

@@ -63,6 +63,20 @@ def _cuda_include_paths() -> list[str]:
     return [str(p) for p in sorted(site.glob("nvidia/cu*/include")) if p.is_dir()]
 
 
+def _headers(sources: list[Path]) -> list[Path]:
+    """The headers a build may include, copied with its sources and fingerprinted: the C++ ``.h`` files, and for a
+    CUDA build the ``.cuh`` ones too (so a CUDA-only change does not rebuild the CPU extension)."""
+    cuda = any(s.suffix == ".cu" for s in sources)
+    return sorted([*CSRC.glob("*.h"), *(CSRC.glob("*.cuh") if cuda else [])])
+
+
+def cuda_sources() -> list[Path]:
+    """The CUDA extension's translation units, which ninja compiles in parallel (``MAX_JOBS`` caps it): the bindings
+    (``dcnv3_cuda.cpp``, host code only, so the host compiler takes it without nvcc's double pass over torch's
+    headers) and the kernels instantiated once per input dtype (``dcnv3_cuda_f64.cu``, ``_f32``, ``_f16``, ``_bf16``)."""
+    return [CSRC / "dcnv3_cuda.cpp", *sorted(CSRC.glob("dcnv3_cuda_*.cu"))]
+
+
 def _content_copy(sources: list[Path], fingerprint: str) -> tuple[list[Path], Path]:
     """The sources and headers copied to ``<cache>/src/<fingerprint>``. torch keys its JIT builds on paths, so building
     from a content-addressed copy lets identical sources share one build wherever they live (a run's code snapshot,
@@ -71,7 +85,7 @@ def _content_copy(sources: list[Path], fingerprint: str) -> tuple[list[Path], Pa
     if not dest.is_dir():
         tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        for path in sorted(set(sources) | set(CSRC.glob("*.h"))):
+        for path in sorted(set(sources) | set(_headers(sources))):
             shutil.copyfile(path, tmp / path.name)
         try:
             tmp.rename(dest)
@@ -129,7 +143,7 @@ def _fingerprint(name: str, sources: list[Path], cuda: bool) -> str:
     torch."""
     flags = _cflags(name, cuda) + _ldflags(cuda)
     digest = hashlib.sha256(f"{name}|{torch.__version__}|{sys.version_info[:2]}|{flags}".encode())
-    for path in sorted(set(sources) | set(CSRC.glob("*.h"))):
+    for path in sorted(set(sources) | set(_headers(sources))):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -201,7 +215,7 @@ def load_cuda(force: bool = False) -> ModuleType | None:
         if home is None and cpp_extension.CUDA_HOME is None:
             _failed[name] = "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
             return None
-    return _load(name, [CSRC / "dcnv3_cuda.cu"], cuda=True, force=force)
+    return _load(name, cuda_sources(), cuda=True, force=force)
 
 
 def failure(kind: str) -> str | None:
