@@ -49,6 +49,9 @@ def _build(name: str, device: str) -> torch.nn.Module:
     return timm.create_model(name, drop_path_rate=0.1, **kwargs).to(device)
 
 
+LAUNCH_CALLS = ('cudaLaunchKernel', 'cudaLaunchKernelExC', 'cuLaunchKernel', 'cuLaunchKernelEx')
+
+
 def profile_step(step, name: str, batch: int, top: int = 12) -> dict:
     """One step under torch.profiler: the share of the step's wall time during which GPU kernels ran (well below 1:
     the host, not the GPU, sets the pace) and the host-side operators that took the most CPU time."""
@@ -63,7 +66,7 @@ def profile_step(step, name: str, batch: int, top: int = 12) -> dict:
     events = prof.key_averages()
     # Kernels only: an operator's self device time repeats its kernels' (summing every row counts them twice).
     device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
-    launches = sum(e.count for e in events if e.key in ('cudaLaunchKernel', 'cuLaunchKernel', 'cudaLaunchKernelExC'))
+    launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)
     print(f'--- profile of one step: {name}, batch {batch}: wall {wall_us / 1e3:.1f} ms (profiled), GPU kernels '
           f'{device_us / 1e3:.1f} ms ({device_us / wall_us:.0%} busy), {launches} kernel launches', flush=True)
     print(events.table(sort_by='self_cpu_time_total', row_limit=top), flush=True)
