@@ -147,6 +147,8 @@ class DeepSpeedConfig:
     contiguous_gradients: bool = True
     bucket_size: int = 500_000_000
     stage3_param_persistence_threshold: int = 100_000
+    # ZeRO-3: one parameter fetch/release per block call instead of per submodule (pretrain/engine/zero_leaf.py)
+    stage3_leaf_blocks: bool = True
     zero_init: bool = False  # ZeRO-3: build the model partitioned (deepspeed.zero.Init; pretrain/engine/zero_init.py)
     extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed JSON (expert escape hatch)
 

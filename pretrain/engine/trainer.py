@@ -126,6 +126,9 @@ class Trainer:
         else:
             model = build_model(cfg)
         align_convolutions(model)  # DeepSpeed's flat buffers can hand cuDNN misaligned weights
+        if cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.stage3_leaf_blocks:
+            from pretrain.engine.zero_leaf import mark_leaf_blocks
+            self.log(f'ZeRO-3: {mark_leaf_blocks(model)} blocks fetch their parameters as one (stage3_leaf_blocks)')
         if getattr(model, 'load_report', None) is not None:
             self.log(f'initial weights from {cfg.model.init_from}:\n{model.load_report}')
         groups = build_param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay,
