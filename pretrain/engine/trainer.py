@@ -127,8 +127,12 @@ class Trainer:
             model = build_model(cfg)
         align_convolutions(model)  # DeepSpeed's flat buffers can hand cuDNN misaligned weights
         if cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.stage3_leaf_blocks:
-            from pretrain.engine.zero_leaf import mark_leaf_blocks
-            self.log(f'ZeRO-3: {mark_leaf_blocks(model)} blocks fetch their parameters as one (stage3_leaf_blocks)')
+            if cfg.run.compile:  # inductor fails on the leaf blocks' graphs (docs/ENGINE.md): per-module hooks
+                self.log('ZeRO-3 with run.compile: deepspeed.stage3_leaf_blocks is not applied (per-module fetches)')
+            else:
+                from pretrain.engine.zero_leaf import mark_leaf_blocks
+                self.log(f'ZeRO-3: {mark_leaf_blocks(model)} blocks fetch their parameters as one '
+                         '(stage3_leaf_blocks)')
         if getattr(model, 'load_report', None) is not None:
             self.log(f'initial weights from {cfg.model.init_from}:\n{model.load_report}')
         groups = build_param_groups(model, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay,
