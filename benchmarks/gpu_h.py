@@ -148,7 +148,7 @@ def main() -> int:
     p.add_argument('--config', default=str(CONFIG))
     p.add_argument('--batches', default='32,64,128,256,512')
     p.add_argument('--steps', type=int, default=2)
-    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--warmup', type=int, default=2)  # ZeRO-3 replays the teacher's part of its trace first in step 3
     p.add_argument('--plan-json', default=None)
     p.add_argument('--json', type=Path, default=None)
     p.add_argument('--budget-s', type=float, default=1e9)

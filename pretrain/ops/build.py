@@ -73,7 +73,8 @@ def _headers(sources: list[Path]) -> list[Path]:
 def cuda_sources() -> list[Path]:
     """The CUDA extension's translation units, which ninja compiles in parallel (``MAX_JOBS`` caps it): the bindings
     (``dcnv3_cuda.cpp``, host code only, so the host compiler takes it without nvcc's double pass over torch's
-    headers) and the kernels instantiated once per input dtype (``dcnv3_cuda_f64.cu``, ``_f32``, ``_f16``, ``_bf16``)."""
+    headers) and the kernels instantiated once per input dtype (``dcnv3_cuda_f64.cu``, ``_f32``, ``_f16``,
+    ``_bf16``)."""
     return [CSRC / "dcnv3_cuda.cpp", *sorted(CSRC.glob("dcnv3_cuda_*.cu"))]
 
 
