@@ -46,13 +46,6 @@ def stage_config(path: Path, out_dir: str, micro_batch: int):
                               'checkpoint.resume=none', 'logging.tensorboard=false', 'logging.progress=false'])
 
 
-def synthetic_batch(n: int, size: int, context: int, vocab: int) -> dict:
-    g = torch.Generator().manual_seed(n)
-    return {'image': torch.randn(n, 3, size, size, generator=g).pin_memory(),
-            'label': torch.randint(0, 1000, (n,), generator=g), 'key': [str(i) for i in range(n)],
-            'text': torch.randint(1, vocab - 1, (n, context), generator=g), 'has_text': torch.ones(n, dtype=bool)}
-
-
 def predicted_gib(plan: dict | None, batch: int) -> float | None:
     """The plan's allocated-memory prediction at ``batch`` (model states + batch x checkpointed activations)."""
     if not plan:
@@ -62,6 +55,7 @@ def predicted_gib(plan: dict | None, batch: int) -> float | None:
 
 def sweep(args) -> list[dict]:
     import pretrain.common.dist as edist
+    from benchmarks.objectives import _batch
     from pretrain.engine.trainer import Trainer
 
     plan = json.loads(Path(args.plan_json).read_text()) if args.plan_json and Path(args.plan_json).is_file() else None
@@ -94,7 +88,8 @@ def sweep(args) -> list[dict]:
                     rows.append(dict(row, error=f'not run (budget): ~{need:.0f} s needed, '
                                                 f'{deadline - time.monotonic():.0f} s left'))
                     break
-            data = synthetic_batch(batch, cfg.data.img_size, context, vocab=49408)
+            data = _batch(batch, cfg.data.img_size, context)  # benchmarks/objectives.py's synthetic M3I batch
+            data['image'] = data['image'].pin_memory()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             times = []
