@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ['DistEnv', 'detect_env', 'rendezvous', 'slurm_port', 'expand_nodelist', 'free_port', 'init_distributed',
-           'barrier', 'all_reduce_max', 'all_reduce_sum', 'DEFAULT_COLLECTIVE_TIMEOUT_MIN']
+           'barrier', 'all_reduce_max', 'all_reduce_sum', 'print_line', 'DEFAULT_COLLECTIVE_TIMEOUT_MIN']
 
 DEFAULT_COLLECTIVE_TIMEOUT_MIN = 10.0  # run.collective_timeout_min's default: a stuck rank fails the others in minutes
 
@@ -40,6 +41,25 @@ class DistEnv:
     def backend(self) -> str:
         """nccl on GPU, gloo on CPU."""
         return 'nccl' if torch.cuda.is_available() else 'gloo'
+
+
+def print_line(msg: str, stream=None) -> None:
+    """Write ``msg`` and its newline with one ``write`` call, so lines from several ranks sharing a pipe or a Slurm
+    output file do not interleave. ``print`` writes the text and the newline separately, and with PYTHONUNBUFFERED
+    (common in job scripts) those are two system calls: two ranks' error lines then came out glued as one line
+    followed by an empty one. One write to a pipe is atomic up to PIPE_BUF (4 KiB on Linux); to a file opened for
+    appending, whole."""
+    stream = sys.stderr if stream is None else stream
+    data = (msg + '\n').encode(getattr(stream, 'encoding', None) or 'utf-8', errors='backslashreplace')
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # no file descriptor (pytest's capture, a StringIO)
+        stream.write(msg + '\n')
+        stream.flush()
+        return
+    stream.flush()  # anything already buffered goes first
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

@@ -19,7 +19,6 @@ status      meaning
 from __future__ import annotations
 
 import os
-import sys
 import traceback
 from collections.abc import Callable
 
@@ -90,13 +89,13 @@ def run_training(cfg: TrainConfig, *, requeue_signals: list[str] | tuple[str, ..
         return EXIT_REQUEUE  # not reached: requeue_and_exit leaves the process
     except NonFiniteError as e:  # raised on every rank at the same step (the counts are agreed)
         watchdog.stop()
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        edist.print_line(f'error: {e}')
         end(status='failed', exit_code=EXIT_NONFINITE, error=str(e))
         dist.destroy_process_group()
         return EXIT_NONFINITE
     except (CheckpointSaveError, RunLockedError) as e:  # raised on every rank, with the same one-line message
         watchdog.stop()
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        edist.print_line(f'error: {e}')
         end(status='failed', exit_code=EXIT_FAILED, error=str(e))
         dist.destroy_process_group()
         return EXIT_FAILED
