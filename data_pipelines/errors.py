@@ -25,7 +25,6 @@ UNREADABLE_SHARD = "unreadable_shard"
 SHARD_NOT_FOUND = "shard_not_found"  # HTTP 404 / 410
 SHARD_TIMEOUT = "shard_timeout"  # a remote shard (http(s) or pipe:) sent nothing for data.remote.timeout_s
 SHARD_CONNECTION_LOST = "shard_connection_lost"  # dropped / refused connections or 5xx, retries used up
-SHARD_REASONS = (TRUNCATED_TAR, UNREADABLE_SHARD, SHARD_NOT_FOUND, SHARD_TIMEOUT, SHARD_CONNECTION_LOST)
 BAD_LABEL = "bad_label"
 BAD_METADATA = "bad_metadata"
 
