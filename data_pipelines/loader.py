@@ -478,20 +478,24 @@ def _apply_transform(transform: Callable, data: bytes, max_image_pixels: int) ->
 
 
 class _seeded_rngs:
-    """Seed Python, NumPy and torch RNGs for one sample's augmentation and restore them afterwards (the loader
-    may run in the trainer's own process when num_workers=0)."""
+    """Seed Python, NumPy and torch RNGs for one sample's augmentation, and restore them afterwards when the loader
+    runs in the trainer's own process (num_workers=0). A worker process draws from them for nothing else, so it
+    skips the save and restore (about 0.1 ms of a 28 x 28 sample's 1.1 ms on this CPU)."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
     def __enter__(self) -> None:
-        self.saved = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+        in_worker = get_worker_info() is not None
+        self.saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
         random.seed(self.seed)
         np.random.seed(self.seed % (1 << 32))
         # Only the CPU generator: torch.manual_seed would also queue CUDA seeding (milliseconds per call).
         torch.default_generator.manual_seed(self.seed)
 
     def __exit__(self, *exc) -> None:
+        if self.saved is None:
+            return
         random.setstate(self.saved[0])
         np.random.set_state(self.saved[1])
         torch.random.set_rng_state(self.saved[2])

@@ -4,7 +4,8 @@ Both transform objects accept a decoded RGB ``PIL.Image`` (``transform(img)``) a
 (``transform.from_encoded(data)``) and return a float tensor (3, H, W), normalised. The bytes path samples the crop
 box first from the JPEG header, then decodes at the smallest DCT scale (1/8 .. 8/8) that still gives the crop at
 least its output resolution, so the RandomResizedCrop distribution and output quality are unchanged while most of
-the decode work is skipped. Anything that is not a plain JPEG goes through :func:`decode.decode_image`.
+the decode work is skipped. Anything that is not a plain JPEG is decoded whole by :func:`decode.decode_image`; both
+then crop, resize, flip and normalise on uint8 tensors unless a PIL-level augmentation needs the PIL route.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -101,10 +103,18 @@ class TrainTransform:
         return self.after_crop(self.crop(img))
 
     def from_encoded(self, data: bytes) -> torch.Tensor:
-        """Decode and crop in one step; raises SkipSample on bad data (see ``decode``)."""
+        """Decode and crop in one step; raises SkipSample on bad data (see ``decode``). A JPEG is decoded at the
+        smallest DCT scale that keeps the crop at output resolution; any other format is decoded whole by Pillow.
+        Either way the crop box and flips are drawn as on the PIL route (``__call__``), and the rest runs on uint8
+        tensors when ``tensor_route`` allows (for a 28 x 28 PNG that is 0.15 ms against 0.5 ms through PIL and
+        timm's transforms on this CPU)."""
         size = fast_jpeg_size(data)
         if size is None:
-            return self(decode_image(data, max_image_pixels=self.max_image_pixels))
+            if self.tensor_route is None:
+                return self(decode_image(data, max_image_pixels=self.max_image_pixels))
+            pixels = np.asarray(decode_image(data, max_image_pixels=self.max_image_pixels))
+            height, width = pixels.shape[:2]
+            return self._tensor_crop(pixels, *rrc_params(height, width, self.scale, self.ratio), 1.0, 1.0)
         height, width = size
         top, left, crop_h, crop_w = rrc_params(height, width, self.scale, self.ratio)
         pixels = decode_jpeg_scaled(data, min_height=math.ceil(height * self.img_size / crop_h),
@@ -116,11 +126,20 @@ class TrainTransform:
             box = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
             img = Image.fromarray(pixels).resize((self.img_size, self.img_size), self.interpolation, box=box)
             return self.after_crop(img)
+        return self._tensor_crop(pixels, top, left, crop_h, crop_w, scale_y, scale_x)
+
+    def _tensor_crop(self, pixels: np.ndarray, top: int, left: int, crop_h: int, crop_w: int, scale_y: float,
+                     scale_x: float) -> torch.Tensor:
+        """The crop box (in full-size pixels) of ``pixels`` (H, W, 3 uint8, decoded at ``scale_y`` x ``scale_x`` of
+        full size), resized, flipped and normalised on uint8 tensors."""
         # Integer box in the decoded image: exact at full scale, within half a decoded pixel otherwise.
         y0, x0 = round(top * scale_y), round(left * scale_x)
         y1 = max(y0 + 1, min(pixels.shape[0], round((top + crop_h) * scale_y)))
         x1 = max(x0 + 1, min(pixels.shape[1], round((left + crop_w) * scale_x)))
-        crop = torch.from_numpy(pixels[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
+        region = pixels[y0:y1, x0:x1]
+        if not region.flags.writeable:  # a view of a Pillow image's buffer: torch wants memory it may write
+            region = region.copy()
+        crop = torch.from_numpy(region).permute(2, 0, 1).unsqueeze(0)
         resized = F.interpolate(crop, size=(self.img_size, self.img_size), mode=self.tensor_mode, antialias=True,
                                 align_corners=False)[0]
         route = self.tensor_route

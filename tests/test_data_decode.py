@@ -119,6 +119,30 @@ def test_fused_train_path_matches_pillow_crop(cc12m_jpegs):
     assert max(diffs) < 0.1, diffs
 
 
+def test_png_tensor_route_matches_pillow_route(cc12m_jpegs):
+    """Non-JPEG bytes take the uint8 tensor route too: with the same seeds, the same crop box and flip as the PIL
+    route (``transform(img)``), and only torch's antialiased resize in place of Pillow's."""
+    transform = build_train_transform(96, hflip=0.5, color_jitter=None)
+    assert transform.tensor_route is not None
+    flipped, diffs = 0, []
+    for i, data in enumerate(cc12m_jpegs[:12]):
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        png = io.BytesIO()
+        img.save(png, format="PNG")
+        random.seed(i)
+        torch.manual_seed(i)
+        fast = transform.from_encoded(png.getvalue())
+        random.seed(i)
+        torch.manual_seed(i)
+        slow = transform(img)
+        torch.manual_seed(i)
+        flipped += bool(torch.rand(1) < 0.5)
+        assert fast.shape == slow.shape == (3, 96, 96)
+        diffs.append((fast - slow).abs().mean().item())
+    assert 0 < flipped < 12  # both flip outcomes were exercised
+    assert max(diffs) < 0.05, diffs  # a wrong box or flip gives about 0.5 and more
+
+
 def test_eval_transform_and_mixup_shapes(cc12m_jpegs):
     transform = build_eval_transform(224, crop_pct=0.875)
     images = torch.stack([transform.from_encoded(d) for d in cc12m_jpegs[:4]])
