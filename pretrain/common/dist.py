@@ -45,10 +45,9 @@ class DistEnv:
 
 def print_line(msg: str, stream=None) -> None:
     """Write ``msg`` and its newline with one ``write`` call, so lines from several ranks sharing a pipe or a Slurm
-    output file do not interleave. ``print`` writes the text and the newline separately, and with PYTHONUNBUFFERED
-    (common in job scripts) those are two system calls: two ranks' error lines then came out glued as one line
-    followed by an empty one. One write to a pipe is atomic up to PIPE_BUF (4 KiB on Linux); to a file opened for
-    appending, whole."""
+    output file do not interleave. ``print`` to stderr writes the text and the newline with two system calls (strace,
+    with and without PYTHONUNBUFFERED), and two ranks' error lines came out glued as one line followed by an empty
+    one. One write to a pipe is atomic up to PIPE_BUF (4 KiB on Linux); to a file opened for appending, whole."""
     stream = sys.stderr if stream is None else stream
     data = (msg + '\n').encode(getattr(stream, 'encoding', None) or 'utf-8', errors='backslashreplace')
     try:
