@@ -10,9 +10,11 @@ The stage config is used as it ships (``configs/stage/internimage_h_m3i.yaml``: 
 tower, MIM with the EMA teacher, ZeRO-3, bf16, per-block checkpointing), with only the data and output folders
 replaced: one real Trainer (DeepSpeed) on one GPU, synthetic batches (random images and token ids) so that the loader
 is not measured. The micro-batch grows through ``--batches`` (one engine, only the batch tensors change size:
-DeepSpeed does not check them), each size timed over ``--steps`` optimizer steps after ``--warmup``, with the peak of
-``torch.cuda.max_memory_allocated`` (reset per size); the first size that runs out of memory ends the sweep, and a
-size whose predicted time would overrun ``--budget-s`` is reported as not run.
+DeepSpeed does not check them), each size timed over ``--steps`` optimizer steps after ``--warmup``, with the peak
+of ``torch.cuda.max_memory_allocated`` (reset per size); the first size that runs out of memory ends the sweep, and a
+size whose predicted time would overrun ``--budget-s`` is reported as not run. The first size has no prediction:
+when ``--budget-s`` runs out during its steps it keeps the steps timed so far (the row's ``steps``), or reports
+itself unfinished if that was still in the warm-up.
 
 ``--plan-json`` is the output of ``python -m pretrain plan CONFIG --world-size 1 --gpu-mem GIB --json`` (a CPU job;
 ``make gpu-check`` runs it beside the GPU parts). Each row then carries the plan's prediction of allocated memory at
@@ -100,6 +102,8 @@ def sweep(args) -> list[dict]:
                     torch.cuda.synchronize()
                     if k >= warmup:
                         times.append(time.perf_counter() - t)
+                    if time.monotonic() > deadline and k < warmup + args.steps - 1:  # the first size has no estimate
+                        break
             except (torch.OutOfMemoryError, RuntimeError) as exc:  # DeepSpeed can re-raise an OOM as RuntimeError
                 if 'out of memory' not in str(exc).lower():
                     raise
@@ -107,13 +111,18 @@ def sweep(args) -> list[dict]:
                                  predicted_alloc_gib=predicted_gib(plan, batch)))
                 print(f'batch {batch}: out of memory', flush=True)
                 break
+            if not times:
+                rows.append(dict(row, error=f'not finished (budget): {k + 1} of {warmup} warm-up steps ran in '
+                                            f'{args.budget_s:.0f} s'))
+                print(f'batch {batch}: out of time in the warm-up', flush=True)
+                break
             step_s = statistics.median(times)
             peak = torch.cuda.max_memory_allocated() / GiB
             pred = predicted_gib(plan, batch)
             row.update(images_per_s=batch / step_s, step_ms=step_s * 1e3, peak_mem_gib=peak,
                        peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB,
                        predicted_alloc_gib=pred, measured_over_predicted=peak / pred if pred else None,
-                       steps=args.steps, warmup=warmup)
+                       steps=len(times), warmup=warmup)
             rows.append(row)
             last = (batch, step_s)
             print(f'batch {batch}: {row["images_per_s"]:.1f} images/s, {row["step_ms"]:.0f} ms/step, peak '
