@@ -1,6 +1,12 @@
 """torch.compile against eager: InternImage-T and ConvNeXt-T training steps on this machine, and the compile time.
 
     python benchmarks/compile.py [--steps 5] [--batch 8] [--img-size 224] [--threads 1] [--models ...] [--json]
+                                 [--device cuda] [--precision bf16] [--json-file ROWS.json]
+    python benchmarks/compile.py --dry-run     # no compile: arguments checked, models built on the meta device
+
+On a GPU (``--device cuda``, as ``make gpu-check``'s ``compile`` part runs it) the step runs under bf16 autocast
+with ``--precision bf16`` (the training recipe) and is timed to a ``torch.cuda.synchronize()``. ``--json-file``
+writes the rows after each model, so a run cut short keeps what it measured.
 
 For each model (default ``internimage_t``, DCNv3 backend 'auto' = the fused kernel on the CPU, and timm's
 ``convnext_tiny``), two copies with the same weights: one eager, one compiled in place as the engine does with
@@ -24,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,35 +47,42 @@ def load_average() -> str:
         return ' '.join(f.read().split()[:3])
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One training step; its wall-clock seconds."""
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          precision: str = 'fp32') -> float:
+    """One training step; its wall-clock seconds (to a device synchronize on a GPU)."""
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
     opt.step()
+    if x.device.type == 'cuda':
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def bench_model(name: str, steps: int, batch: int, img_size: int) -> dict:
+def bench_model(name: str, steps: int, batch: int, img_size: int, device: str = 'cpu',
+                precision: str = 'fp32') -> dict:
     """Eager and compiled step times and the compile time of model ``name`` (seconds)."""
     torch.manual_seed(0)
-    eager = timm.create_model(name, drop_path_rate=0.1).train()
-    compiled = timm.create_model(name, drop_path_rate=0.1).train()
+    eager = timm.create_model(name, drop_path_rate=0.1).train().to(device)
+    compiled = timm.create_model(name, drop_path_rate=0.1).train().to(device)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile()
     opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (eager, compiled)}
-    x = torch.randn(batch, 3, img_size, img_size)
-    y = torch.randint(0, 1000, (batch,))
-    _step(eager, opts[eager], x, y)  # warm-up: kernel load, allocator, oneDNN primitive caches
-    eager_first = _step(eager, opts[eager], x, y)
-    first_compiled = _step(compiled, opts[compiled], x, y)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    _step(eager, opts[eager], x, y, precision)  # warm-up: kernel load, allocator, oneDNN / cuDNN choices
+    eager_first = _step(eager, opts[eager], x, y, precision)
+    first_compiled = _step(compiled, opts[compiled], x, y, precision)
     times: dict[str, list[float]] = {'eager': [], 'compiled': []}
     for _ in range(steps):
-        times['eager'].append(_step(eager, opts[eager], x, y))
-        times['compiled'].append(_step(compiled, opts[compiled], x, y))
+        times['eager'].append(_step(eager, opts[eager], x, y, precision))
+        times['compiled'].append(_step(compiled, opts[compiled], x, y, precision))
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
-    return {'model': name, 'params_m': round(sum(p.numel() for p in eager.parameters()) / 1e6, 1),
+    return {'model': name, 'device': device, 'precision': precision, 'batch': batch,
+            'params_m': round(sum(p.numel() for p in eager.parameters()) / 1e6, 1),
             'compile_s': first_compiled - eager_first, 'first_compiled_step_s': first_compiled,
             'median_s': med, 'min_s': low, 'steps_s': times,
             'ratio_median': med['compiled'] / med['eager'], 'ratio_min': low['compiled'] / low['eager']}
@@ -82,20 +96,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--threads', type=int, default=1, help='torch intra-op threads (and inductor\'s compile workers)')
     ap.add_argument('--models', nargs='+', default=['internimage_t', 'convnext_tiny'])
     ap.add_argument('--json', action='store_true', help='print the result as JSON instead of a table')
+    ap.add_argument('--json-file', type=Path, default=None, help='also write the rows here after each model')
+    ap.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    ap.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='bf16: autocast, as in training')
+    ap.add_argument('--dry-run', action='store_true', help='build the models on the meta device, compile nothing')
     args = ap.parse_args(argv)
+    if args.dry_run:
+        with torch.device('meta'):
+            sizes = {name: sum(p.numel() for p in timm.create_model(name).parameters()) for name in args.models}
+        print('compile.py dry run: ' + ', '.join(f'{n} {v / 1e6:.1f}M parameters' for n, v in sizes.items()))
+        return 0
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        ap.error('--device cuda: no CUDA device here')
     torch.set_num_threads(args.threads)
     import torch._inductor.config as inductor_config
     inductor_config.force_disable_caches = True  # the cold compile a fresh run pays
     inductor_config.compile_threads = args.threads
     header = {'utc': time.strftime('%Y-%m-%d %H:%M', time.gmtime()), 'torch': torch.__version__,
               'cpu': platform.processor() or platform.machine(), 'threads': args.threads, 'batch': args.batch,
-              'img_size': args.img_size, 'load_before': load_average()}
-    rows = [bench_model(name, args.steps, args.batch, args.img_size) for name in args.models]
+              'img_size': args.img_size, 'device': args.device, 'precision': args.precision,
+              'gpu': torch.cuda.get_device_name(0) if args.device == 'cuda' else None, 'load_before': load_average()}
+    rows = []
+    for name in args.models:
+        rows.append(bench_model(name, args.steps, args.batch, args.img_size, args.device, args.precision))
+        if args.json_file:
+            args.json_file.write_text(json.dumps({**header, 'rows': rows}, indent=1))
     header['load_after'] = load_average()
+    if args.json_file:
+        args.json_file.write_text(json.dumps({**header, 'rows': rows}, indent=1))
     if args.json:
         print(json.dumps({**header, 'rows': rows}, indent=1))
         return 0
-    print(f'# {header["utc"]} UTC, torch {header["torch"]}, {args.threads} thread(s), batch {args.batch}, '
+    where = header['gpu'] or f'{args.threads} thread(s)'
+    print(f'# {header["utc"]} UTC, torch {header["torch"]}, {where}, {args.precision}, batch {args.batch}, '
           f'{args.img_size}x{args.img_size}, train step = fwd + CE + bwd + AdamW; load average '
           f'{header["load_before"]} before, {header["load_after"]} after')
     print('| model | eager median s (min) | compiled median s (min) | compiled/eager median (min) | compile s |')

@@ -21,7 +21,10 @@ On a CUDA machine, in this order, each part under its own time budget (a part th
    InternImage-H's M3I stage (configs/stage/internimage_h_m3i.yaml: ZeRO-3 bf16, activation checkpointing, 224 px)
    on this one GPU: micro-batches growing until one runs out of memory, images/s,
    peak memory against ``python -m pretrain plan``'s prediction (computed on the CPU in the background from setup on).
-7. ``dcnv4``: whether the background DCNv4 build finished and imports.
+7. ``compile`` (not in the default ``--parts``: a cold inductor compile takes minutes): benchmarks/compile.py
+   ``--device cuda --precision bf16``: InternImage-T and ConvNeXt-T training steps at batch 64, eager against
+   ``nn.Module.compile()``, and the cold compile time (inductor with this host's cores as compile workers).
+8. ``dcnv4``: whether the background DCNv4 build finished and imports.
 
 ``--parts`` runs a subset (default build,tests,kernel,throughput; the others are reported "not selected" and reserve
 no time); ``--tests`` replaces the
@@ -57,9 +60,11 @@ DCNV4_SITE = Path('/tmp/dcnv4')
 SCRATCH = Path('/tmp/gpu-check')  # intermediate files, merged into the report ($OUT brings back 8 files at most)
 ANCHOR = 'DCNv4-1.0.0.post2.tar.gz'
 # Seconds each part needs at least; a part gets whatever the total leaves after the later parts' minimums.
-MIN_BUDGET_S = {'setup': 60, 'build': 120, 'tests': 120, 'kernel': 40, 'throughput': 50, 'h1gpu': 180}
+MIN_BUDGET_S = {'setup': 60, 'build': 120, 'tests': 120, 'kernel': 40, 'throughput': 50, 'h1gpu': 180,
+                'compile': 240}
 # What fits the default 450 s. h1gpu (a 1.2B-parameter Trainer: ~30 s to build, warm-up steps of 20-30 s) needs
-# more: --parts build,h1gpu, or every part with --total-s 900.
+# more: --parts build,h1gpu, or every part with --total-s 900; compile (two cold inductor compiles; 435 s and 140 s
+# on one CPU core here) runs alone: --parts compile.
 DEFAULT_PARTS = ('build', 'tests', 'kernel', 'throughput')
 H_CONFIG = 'configs/stage/internimage_h_m3i.yaml'
 GPU_TESTS = [  # the ZeRO-3 misaligned-address regression first: it is the headline claim
@@ -323,6 +328,16 @@ def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Po
         if h_json.is_file():
             part['rows'] = json.loads(h_json.read_text())
             h_json.unlink()
+    if check.wants('compile'):
+        compile_json = SCRATCH / 'compile.json'
+        compile_json.unlink(missing_ok=True)
+        part = check.run('compile', check.py('benchmarks/compile.py', '--device', 'cuda', '--precision', 'bf16',
+                                             '--batch', '64', '--steps', '5', '--threads', str(os.cpu_count() or 8),
+                                             '--json-file', str(compile_json)),
+                         check.budget('compile'), concurrent=concurrent())
+        if compile_json.is_file():
+            part['rows'] = json.loads(compile_json.read_text())['rows']
+            compile_json.unlink()
     if dcnv4 is None:
         check.parts['dcnv4'] = {'status': 'not run', 'reason': check.parts['setup'].get('dcnv4')}
     elif dcnv4.poll() is None:
@@ -358,6 +373,9 @@ def rehearse(check: Check, build: tuple | None, tests: list[str]) -> None:
     if check.wants('h1gpu'):
         check.run('h1gpu', check.py('benchmarks/gpu_h.py', '--config', H_CONFIG, '--dry-run'), check.budget('h1gpu'),
                   mode='config resolved, model built on the meta device')
+    if check.wants('compile'):
+        check.run('compile', check.py('benchmarks/compile.py', '--dry-run'), check.budget('compile'),
+                  mode='models built on the meta device')
     check.parts['dcnv4'] = {'status': 'not run', 'reason': check.parts['setup'].get('dcnv4')}
 
 
@@ -414,6 +432,14 @@ def write_report(check: Check, facts: dict, cuda: bool) -> None:
                 ratio = f'{r["measured_over_predicted"]:.2f}' if r.get('measured_over_predicted') else ''
                 md.append(f'| {r["batch"]} | {r["images_per_s"]:.1f} | {r["step_ms"]:.0f} | {r["peak_mem_gib"]:.1f} | '
                           f'{r["peak_reserved_gib"]:.1f} | {pred} | {ratio} |')
+    rows = check.parts.get('compile', {}).get('rows')
+    if rows:
+        md += ['', '## torch.compile against eager (benchmarks/compile.py, bf16 autocast, fwd+CE+bwd+AdamW, 224 px)',
+               '', '| model | batch | eager median ms | compiled median ms | compiled / eager | cold compile s |',
+               '|---|---|---|---|---|---|']
+        md += [f'| {r["model"]} | {r["batch"]} | {r["median_s"]["eager"] * 1e3:.1f} | '
+               f'{r["median_s"]["compiled"] * 1e3:.1f} | {r["ratio_median"]:.2f} | {r["compile_s"]:.0f} |'
+               for r in rows]
     tests = check.parts.get('tests', {})
     if tests.get('tail'):
         summary = [ln for ln in tests['tail'].splitlines() if ln.startswith(('PASSED', 'FAILED', 'ERROR', 'SKIPPED'))
