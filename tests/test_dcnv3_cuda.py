@@ -221,3 +221,18 @@ def test_cuda_second_device(cuda_kernel):
     torch.testing.assert_close(out.cpu(), cpu_out, rtol=1e-9, atol=1e-9)
     for got, want in zip(grads, cpu_grads):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["fp32_batch3_stride2", "bf16_fp32_offsets"])
+def test_cuda_opcheck(cuda_kernel, case):
+    """``torch.library.opcheck`` of both operators on the CUDA kernel (issue 18; the CPU ones are in
+    tests/test_custom_op.py): schema, fake tensors against the kernel, autograd registration, AOT dispatch."""
+    from pretrain.ops.function import dcnv3_forward
+    from tests.test_custom_op import BACKWARD, CASES, FORWARD, _op_args
+
+    args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in _op_args(*CASES[case]))
+    torch.library.opcheck(FORWARD, args)
+    out = dcnv3_forward(*args)
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(BACKWARD, (*detached, torch.randn_like(out)))
