@@ -5,8 +5,9 @@
     python benchmarks/compile.py --dry-run     # no compile: arguments checked, models built on the meta device
 
 On a GPU (``--device cuda``, as ``make gpu-check``'s ``compile`` part runs it) the step runs under bf16 autocast
-with ``--precision bf16`` (the training recipe) and is timed to a ``torch.cuda.synchronize()``. ``--json-file``
-writes the rows after each model, so a run cut short keeps what it measured.
+with ``--precision bf16`` (as benchmarks/gpu_train.py's throughput rows; the engine's DeepSpeed bf16 keeps bf16
+weights instead) and is timed to a ``torch.cuda.synchronize()``. ``--json-file`` writes the rows after each model
+(to a temporary file, then renamed), so a run cut short keeps what it measured.
 
 For each model (default ``internimage_t``, DCNv3 backend 'auto' = the fused kernel on the CPU, and timm's
 ``convnext_tiny``), two copies with the same weights: one eager, one compiled in place as the engine does with
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--json', action='store_true', help='print the result as JSON instead of a table')
     ap.add_argument('--json-file', type=Path, default=None, help='also write the rows here after each model')
     ap.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
-    ap.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='bf16: autocast, as in training')
+    ap.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32',
+                    help='bf16: autocast over fp32 weights, as benchmarks/gpu_train.py times the GPU step')
     ap.add_argument('--dry-run', action='store_true', help='build the models on the meta device, compile nothing')
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -117,13 +119,18 @@ def main(argv: list[str] | None = None) -> int:
               'img_size': args.img_size, 'device': args.device, 'precision': args.precision,
               'gpu': torch.cuda.get_device_name(0) if args.device == 'cuda' else None, 'load_before': load_average()}
     rows = []
+
+    def save() -> None:  # whole or not at all: a run killed mid-write leaves the previous file
+        if args.json_file:
+            tmp = args.json_file.with_name(args.json_file.name + '.tmp')
+            tmp.write_text(json.dumps({**header, 'rows': rows}, indent=1))
+            os.replace(tmp, args.json_file)
+
     for name in args.models:
         rows.append(bench_model(name, args.steps, args.batch, args.img_size, args.device, args.precision))
-        if args.json_file:
-            args.json_file.write_text(json.dumps({**header, 'rows': rows}, indent=1))
+        save()
     header['load_after'] = load_average()
-    if args.json_file:
-        args.json_file.write_text(json.dumps({**header, 'rows': rows}, indent=1))
+    save()
     if args.json:
         print(json.dumps({**header, 'rows': rows}, indent=1))
         return 0

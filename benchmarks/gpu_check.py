@@ -64,7 +64,7 @@ MIN_BUDGET_S = {'setup': 60, 'build': 120, 'tests': 120, 'kernel': 40, 'throughp
                 'compile': 240}
 # What fits the default 450 s. h1gpu (a 1.2B-parameter Trainer: ~30 s to build, warm-up steps of 20-30 s) needs
 # more: --parts build,h1gpu, or every part with --total-s 900; compile (two cold inductor compiles; 435 s and 140 s
-# on one CPU core here) runs alone: --parts compile.
+# on one CPU core here) runs after the build alone: --parts build,compile --total-s 600.
 DEFAULT_PARTS = ('build', 'tests', 'kernel', 'throughput')
 H_CONFIG = 'configs/stage/internimage_h_m3i.yaml'
 GPU_TESTS = [  # the ZeRO-3 misaligned-address regression first: it is the headline claim

@@ -12,9 +12,9 @@ replaced: one real Trainer (DeepSpeed) on one GPU, synthetic batches (random ima
 is not measured. The micro-batch grows through ``--batches`` (one engine, only the batch tensors change size:
 DeepSpeed does not check them), each size timed over ``--steps`` optimizer steps after ``--warmup``, with the peak
 of ``torch.cuda.max_memory_allocated`` (reset per size); the first size that runs out of memory ends the sweep, and a
-size whose predicted time would overrun ``--budget-s`` is reported as not run. The first size has no prediction:
-when ``--budget-s`` runs out during its steps it keeps the steps timed so far (the row's ``steps``), or reports
-itself unfinished if that was still in the warm-up.
+size whose predicted time would overrun ``--budget-s`` is reported as not run. A size that runs out of
+``--budget-s`` during its steps (the first has no prediction; a later one may overrun its own) keeps the steps timed
+so far (the row's ``steps``), or reports itself unfinished if that was still in the warm-up.
 
 ``--plan-json`` is the output of ``python -m pretrain plan CONFIG --world-size 1 --gpu-mem GIB --json`` (a CPU job;
 ``make gpu-check`` runs it beside the GPU parts). Each row then carries the plan's prediction of allocated memory at
@@ -88,7 +88,7 @@ def sweep(args) -> list[dict]:
                 need = last[1] * batch / last[0] * (warmup + args.steps)
                 if time.monotonic() + need > deadline:
                     rows.append(dict(row, error=f'not run (budget): ~{need:.0f} s needed, '
-                                                f'{deadline - time.monotonic():.0f} s left'))
+                                                f'{max(deadline - time.monotonic(), 0):.0f} s left'))
                     break
             data = _batch(batch, cfg.data.img_size, context)  # benchmarks/objectives.py's synthetic M3I batch
             data['image'] = data['image'].pin_memory()
@@ -102,7 +102,8 @@ def sweep(args) -> list[dict]:
                     torch.cuda.synchronize()
                     if k >= warmup:
                         times.append(time.perf_counter() - t)
-                    if time.monotonic() > deadline and k < warmup + args.steps - 1:  # the first size has no estimate
+                    # The first size has no estimate to check against, and a later one may overrun its estimate.
+                    if time.monotonic() > deadline and k < warmup + args.steps - 1:
                         break
             except (torch.OutOfMemoryError, RuntimeError) as exc:  # DeepSpeed can re-raise an OOM as RuntimeError
                 if 'out of memory' not in str(exc).lower():
@@ -112,8 +113,8 @@ def sweep(args) -> list[dict]:
                 print(f'batch {batch}: out of memory', flush=True)
                 break
             if not times:
-                rows.append(dict(row, error=f'not finished (budget): {k + 1} of {warmup} warm-up steps ran in '
-                                            f'{args.budget_s:.0f} s'))
+                rows.append(dict(row, error=f'not finished (budget): only warm-up steps ({k + 1} of {warmup}) ran '
+                                            f'before the {args.budget_s:.0f} s budget ran out'))
                 print(f'batch {batch}: out of time in the warm-up', flush=True)
                 break
             step_s = statistics.median(times)

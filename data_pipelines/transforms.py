@@ -137,7 +137,7 @@ class TrainTransform:
         y1 = max(y0 + 1, min(pixels.shape[0], round((top + crop_h) * scale_y)))
         x1 = max(x0 + 1, min(pixels.shape[1], round((left + crop_w) * scale_x)))
         region = pixels[y0:y1, x0:x1]
-        if not region.flags.writeable:  # a view of a Pillow image's buffer: torch wants memory it may write
+        if not region.flags.writeable:  # np.asarray of a Pillow image is read-only: torch wants memory it may write
             region = region.copy()
         crop = torch.from_numpy(region).permute(2, 0, 1).unsqueeze(0)
         resized = F.interpolate(crop, size=(self.img_size, self.img_size), mode=self.tensor_mode, antialias=True,

@@ -236,3 +236,5 @@ def test_cuda_opcheck(cuda_kernel, case):
     out = dcnv3_forward(*args)
     detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(BACKWARD, (*detached, torch.randn_like(out)))
+    grads = torch.ops.pretrain.dcnv3_backward(*detached, torch.randn_like(out))
+    assert [g.dtype for g in grads] == [a.dtype for a in detached[:3]]  # fp32 offset/mask grads beside bf16 input

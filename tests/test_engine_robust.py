@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -172,36 +171,41 @@ def test_epoch_mode_with_corrupt_samples_and_the_contrastive_loss_on_two_ranks(r
 
 
 _WRITER = """
+import os
 import sys
 import time
 from pretrain.common.dist import print_line
+tag, how, folder, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 def write(msg):
-    if sys.argv[2] == 'print':
+    if how == 'print':
         print(msg, file=sys.stderr, flush=True)
     else:
         print_line(msg)
-while time.time() < float(sys.argv[3]):  # both start together, as ranks do after a collective
-    pass
-for i in range(int(sys.argv[4])):
-    write(f'error: rank {sys.argv[1]} line {i:03d} ' + sys.argv[1] * 1500)
+open(os.path.join(folder, 'ready-' + tag), 'w').close()  # imports done
+while len(os.listdir(folder)) < 2:  # both start together, as ranks do after a collective
+    time.sleep(0.001)
+for i in range(n):
+    write(f'error: rank {tag} line {i:03d} ' + tag * 1500)
 """
 
 
-def _two_writers(how: str, n: int = 2000) -> tuple[list[str], set[str]]:
-    start = time.time() + 6  # past both interpreters' start-up (torch's import)
-    script = ' & '.join(f'{sys.executable} -c "$CODE" {t} {how} {start} {n}' for t in 'ab') + ' & wait'
+def _two_writers(how: str, folder: Path, n: int = 2000) -> tuple[list[str], set[str]]:
+    """Two writer processes (``how``: 'print_line' or 'print') on one stderr pipe; they start writing once both
+    have imported (a ready file each in the empty ``folder``). Returns the lines read and the lines written."""
+    script = ' & '.join(f'{sys.executable} -c "$CODE" {t} {how} {folder} {n}' for t in 'ab') + ' & wait'
     res = subprocess.run(['sh', '-c', script], cwd=REPO, env={**_env(), 'CODE': _WRITER},
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stderr.splitlines(), {f'error: rank {t} line {i:03d} ' + t * 1500 for t in 'ab' for i in range(n)}
 
 
-def test_error_lines_of_two_ranks_on_one_pipe_stay_whole():
+def test_error_lines_of_two_ranks_on_one_pipe_stay_whole(tmp_path):
     """Two processes start together and write 2,000 lines of 1.5 KB each to one stderr pipe: with ``print_line``
     every line arrives whole. ``print(..., flush=True)`` writes the text and the newline as two system calls; CI saw
     two ranks' checkpoint-save errors glued into one line, and this writer with ``print`` spoils 800-2,200 of the
-    4,000 lines here. The writers must have overlapped (the two ranks' lines alternate), or the test proves nothing."""
-    lines, want = _two_writers('print_line')
+    4,000 lines on this idle machine (about 50 while CI's tests ran beside it). The writers must have overlapped
+    (the two ranks' lines alternate), or the test proves nothing."""
+    lines, want = _two_writers('print_line', tmp_path)
     assert len(lines) == 4000 and set(lines) == want, [ln[:40] for ln in lines if ln not in want][:5]
     switches = sum(a[12] != b[12] for a, b in zip(lines, lines[1:]))  # 'error: rank X': X at index 12
     assert switches >= 10, f'the two writers did not overlap ({switches} alternations)'
