@@ -382,3 +382,10 @@ if __name__ == '__main__':
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+    # The references are written. Leave without the interpreter's finalization: in one CI run (2026-11-27 05:36 UTC)
+    # rank 1 of the 2-rank ZeRO-3 worker aborted there ("terminate called without an active exception", SIGABRT)
+    # after both stages had trained and saved, which failed the fixture; 7 reruns passed. PyTorch tracks
+    # finalization-time aborts with gloo's threads (pytorch/pytorch#179291); the cause here is not established.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
