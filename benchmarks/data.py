@@ -10,10 +10,14 @@ in ``../shared/data/real/cc12m-train-0000.tar``:
   antialiased uint8 resize of the crop in torch, flip and one fused normalise), plus the loader's pixel-limit
   header check.
 
+``--fashion-mnist N`` adds rows for the first N Fashion-MNIST training images, 28 x 28 greyscale PNGs as the IDX
+writer stores them, cropped to 32 px (the demo's and the convergence benchmark's input): no JPEG header to crop
+from, so ``ours`` is Pillow's decode and then the same uint8 tensor route, against the PIL route.
+
 Passes alternate between the two paths so that load from other processes on a shared machine hits both alike; the
 median over passes is reported. Usage::
 
-    python benchmarks/data.py [--passes 15] [--upscale 2] [--json]
+    python benchmarks/data.py [--passes 15] [--upscale 2] [--fashion-mnist 2000] [--json]
 
 ``--upscale N`` adds rows for the same photos re-encoded at N times the size (JPEG q=90), i.e. larger sources as
 in unresized LAION/ImageNet originals.
@@ -51,6 +55,8 @@ from data_pipelines.loader import SourceSpec, build_loader  # noqa: E402
 from data_pipelines.transforms import build_train_transform  # noqa: E402
 
 CC12M_TAR = os.path.join(REPO_ROOT, "..", "shared", "data", "real", "cc12m-train-0000.tar")
+FASHION_MNIST = os.path.join(REPO_ROOT, "..", "shared", "data", "real", "fashion-mnist",
+                             "train-images-idx3-ubyte.gz")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -71,8 +77,21 @@ def upscale(jpegs: list[bytes], factor: int) -> list[bytes]:
     return out
 
 
-def baseline_path():
-    transform = T.Compose([T.RandomResizedCrop(224, interpolation=T.InterpolationMode.BILINEAR),
+def fashion_mnist_pngs(n: int) -> list[bytes]:
+    """The first ``n`` Fashion-MNIST training images as our IDX writer stores them (greyscale PNG)."""
+    from data_pipelines.writers import IDX_IMAGES_MAGIC, read_idx
+
+    (_, height, width), pixels = read_idx(FASHION_MNIST, IDX_IMAGES_MAGIC)
+    out = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.frombytes("L", (width, height), pixels[i * height * width:(i + 1) * height * width]).save(buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def baseline_path(size: int = 224):
+    transform = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BILINEAR),
                            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
 
     def run(data: bytes) -> torch.Tensor:
@@ -81,8 +100,8 @@ def baseline_path():
     return run
 
 
-def our_path():
-    transform = build_train_transform(224, color_jitter=None, interpolation="bilinear")
+def our_path(size: int = 224):
+    transform = build_train_transform(size, color_jitter=None, interpolation="bilinear")
 
     def run(data: bytes) -> torch.Tensor:
         check_pixel_limit(data, DEFAULT_MAX_IMAGE_PIXELS)
@@ -91,22 +110,22 @@ def our_path():
     return run
 
 
-def images_per_second(run, jpegs: list[bytes]) -> float:
+def images_per_second(run, images: list[bytes], size: int = 224) -> float:
     start = time.perf_counter()
-    for data in jpegs:
+    for data in images:
         out = run(data)
-    assert out.shape == (3, 224, 224)
-    return len(jpegs) / (time.perf_counter() - start)
+    assert out.shape == (3, size, size)
+    return len(images) / (time.perf_counter() - start)
 
 
-def measure(jpegs: list[bytes], passes: int) -> dict[str, float]:
-    paths = {"baseline": baseline_path(), "ours": our_path()}
+def measure(images: list[bytes], passes: int, size: int = 224) -> dict[str, float]:
+    paths = {"baseline": baseline_path(size), "ours": our_path(size)}
     rates: dict[str, list[float]] = {name: [] for name in paths}
     for run in paths.values():  # warm-up
-        images_per_second(run, jpegs[:4])
+        images_per_second(run, images[:4], size)
     for _ in range(passes):
         for name, run in paths.items():
-            rates[name].append(images_per_second(run, jpegs))
+            rates[name].append(images_per_second(run, images, size))
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
@@ -164,6 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--passes", type=int, default=15)
     parser.add_argument("--upscale", type=int, default=0, help="also measure photos re-encoded N times larger")
+    parser.add_argument("--fashion-mnist", type=int, default=0, metavar="N",
+                        help="also measure the first N Fashion-MNIST images (28 px greyscale PNG) cropped to 32 px")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--remote", action="store_true", help="the loader from loopback HTTP against local files")
     parser.add_argument("--workers", type=int, default=2, help="--remote: data-loader worker processes")
@@ -175,16 +196,18 @@ def main() -> None:
     torch.set_num_threads(1)  # one data-loader worker = one core
     random.seed(0)
     torch.manual_seed(0)
-    sets = {"CC12M (real)": load_jpegs(CC12M_TAR)}
+    sets = {"CC12M (real)": (load_jpegs(CC12M_TAR), 224)}
     if args.upscale > 1:
-        sets[f"CC12M x{args.upscale} (re-encoded q=90)"] = upscale(sets["CC12M (real)"], args.upscale)
+        sets[f"CC12M x{args.upscale} (re-encoded q=90)"] = (upscale(sets["CC12M (real)"][0], args.upscale), 224)
+    if args.fashion_mnist:
+        sets["Fashion-MNIST PNG, to 32 px"] = (fashion_mnist_pngs(args.fashion_mnist), 32)
     results = {}
-    for label, jpegs in sets.items():
-        sizes = [Image.open(io.BytesIO(d)).size for d in jpegs]
+    for label, (images, size) in sets.items():
+        sizes = [Image.open(io.BytesIO(d)).size for d in images]
         mean_w = sum(w for w, _ in sizes) / len(sizes)
         mean_h = sum(h for _, h in sizes) / len(sizes)
-        rates = measure(jpegs, args.passes)
-        results[label] = {"images": len(jpegs), "mean_size": f"{mean_w:.0f}x{mean_h:.0f}",
+        rates = measure(images, args.passes, size)
+        results[label] = {"images": len(images), "mean_size": f"{mean_w:.0f}x{mean_h:.0f}", "out_size": size,
                           "baseline_img_per_s": round(rates["baseline"], 1), "ours_img_per_s": round(rates["ours"], 1),
                           "speedup": round(rates["ours"] / rates["baseline"], 2)}
     env = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
@@ -194,11 +217,12 @@ def main() -> None:
         print(json.dumps({"env": env, "results": results}, indent=1))
         return
     print(f"env: {env}")
-    print("| images | mean size (WxH) | baseline: PIL decode, then crop (img/s/core) | ours (img/s/core) | speed-up |")
-    print("|---|---|---|---|---|")
+    print("| images | mean size (WxH) | crop to | baseline: PIL decode, then crop (img/s/core) | ours (img/s/core) "
+          "| speed-up |")
+    print("|---|---|---|---|---|---|")
     for label, r in results.items():
-        print(f"| {label}, {r['images']} | {r['mean_size']} | {r['baseline_img_per_s']} | {r['ours_img_per_s']} | "
-              f"{r['speedup']}x |")
+        print(f"| {label}, {r['images']} | {r['mean_size']} | {r['out_size']} | {r['baseline_img_per_s']} | "
+              f"{r['ours_img_per_s']} | {r['speedup']}x |")
 
 
 if __name__ == "__main__":
