@@ -79,15 +79,10 @@ def upscale(jpegs: list[bytes], factor: int) -> list[bytes]:
 
 def fashion_mnist_pngs(n: int) -> list[bytes]:
     """The first ``n`` Fashion-MNIST training images as our IDX writer stores them (greyscale PNG)."""
-    from data_pipelines.writers import IDX_IMAGES_MAGIC, read_idx
+    from data_pipelines.writers import IDX_IMAGES_MAGIC, idx_image_png, read_idx
 
     (_, height, width), pixels = read_idx(FASHION_MNIST, IDX_IMAGES_MAGIC)
-    out = []
-    for i in range(n):
-        buffer = io.BytesIO()
-        Image.frombytes("L", (width, height), pixels[i * height * width:(i + 1) * height * width]).save(buffer, "PNG")
-        out.append(buffer.getvalue())
-    return out
+    return [idx_image_png(pixels, i, height, width) for i in range(n)]
 
 
 def baseline_path(size: int = 224):

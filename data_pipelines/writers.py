@@ -328,6 +328,14 @@ def read_idx(path: str, expected_magic: int) -> tuple[tuple[int, ...], bytes]:
     return dims, raw[header_bytes:]
 
 
+def idx_image_png(pixels: bytes, index: int, height: int, width: int) -> bytes:
+    """Image ``index`` of an IDX images payload (``read_idx``'s) as the lossless greyscale PNG the shards hold."""
+    size = height * width
+    png = io.BytesIO()
+    Image.frombytes("L", (width, height), pixels[index * size:(index + 1) * size]).save(png, "PNG")
+    return png.getvalue()
+
+
 def load_class_names(spec: str) -> list[str]:
     """Class names in label order: a file with one name per line, or a comma-separated list."""
     if os.path.isfile(spec):
@@ -363,15 +371,11 @@ def list_idx(images_path: str, labels_path: str, class_names: Sequence[str], *,
         if "{class}" not in template:
             raise ValueError(f"caption template {template!r} has no {{class}} placeholder")
     rng = random.Random(caption_seed)
-    image_bytes = height * width
     samples = []
     for i in range(n_images):
-        img = Image.frombytes("L", (width, height), pixels[i * image_bytes:(i + 1) * image_bytes])
-        png = io.BytesIO()
-        img.save(png, "PNG")
         label = labels[i]
         meta = {"class_name": class_names[label], "source_path": f"{images_path}#{i}"}
-        sample = InputSample(f"{i:06d}", {"png": PartRef(data=png.getvalue()),
+        sample = InputSample(f"{i:06d}", {"png": PartRef(data=idx_image_png(pixels, i, height, width)),
                                           "cls": PartRef(data=str(label).encode()),
                                           "json": PartRef(data=json.dumps(meta, sort_keys=True).encode())})
         if caption_templates:
