@@ -150,6 +150,9 @@ class DeepSpeedConfig:
     # ZeRO-3: one parameter fetch/release per block call instead of per submodule (pretrain/engine/zero_leaf.py)
     stage3_leaf_blocks: bool = True
     zero_init: bool = False  # ZeRO-3: build the model partitioned (deepspeed.zero.Init; pretrain/engine/zero_init.py)
+    # bf16 on a CPU: linear/conv/matmul in fp32, result rounded to bf16 ('auto': when the CPU lacks AVX512-BF16/AMX;
+    # pretrain/engine/cpu_bf16.py). GPUs are never affected.
+    cpu_bf16_products: Literal['auto', 'fp32', 'native'] = 'auto'
     extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed JSON (expert escape hatch)
 
 

@@ -24,6 +24,7 @@ from pretrain.common.ema import EMA
 from pretrain.config import TrainConfig, config_to_dict
 from pretrain.engine import preemption, watchdog
 from pretrain.engine.checkpoint import CheckpointManager, LoaderPosition, RNGStreams, TrainState
+from pretrain.engine.cpu_bf16 import products_context, use_fp32_products
 from pretrain.engine.data import BatchStream, build_train_loader, build_val_loader, steps_per_epoch
 from pretrain.engine.ds_config import build_deepspeed_config
 from pretrain.engine.metrics import LossWindow, MetricsLogger, peak_memory_mib
@@ -151,6 +152,13 @@ class Trainer:
             self.log('model compiled (torch.compile, inductor); the first steps and the first evaluation compile')
         self._compile_pending = {'train', 'eval'} if cfg.run.compile else set()
         self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[cfg.deepspeed.precision]
+        # bf16 on a CPU without bf16 instructions: the products in fp32 (pretrain/engine/cpu_bf16.py); not under
+        # torch.compile, whose kernels are its own
+        self.fp32_products = not cfg.run.compile and use_fp32_products(
+            cfg.deepspeed.cpu_bf16_products, device=torch.device(self.device), dtype=self.dtype)
+        if self.fp32_products:
+            self.log('bf16 on a CPU: linear, convolution and matmul run in fp32 and round to bf16 '
+                     '(deepspeed.cpu_bf16_products)')
         self.ema = EMA(self.engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         self.objective = build_objective_step(cfg, self.engine, world_size=self.world_size, rank=self.rank,
                                               device=self.device, dtype=self.dtype, total_steps=self.total_steps)
@@ -228,7 +236,8 @@ class Trainer:
             images = batch['image'].shape[0] * self.world_size
             self.state.samples_seen += images
             self.state.epoch_samples += images
-            loss, parts = self.objective.loss(batch, self.state.step, consumed - 1)
+            with products_context(self.fp32_products):
+                loss, parts = self.objective.loss(batch, self.state.step, consumed - 1)
             if _on_any_rank(~torch.isfinite(loss.detach())):
                 self._count_nonfinite('loss')
                 continue
@@ -425,10 +434,10 @@ class Trainer:
             return {}
         self.engine.eval()
         try:
-            with self._first_compiled_call('eval'):
+            with self._first_compiled_call('eval'), products_context(self.fp32_products):
                 out = {'raw': self.objective.evaluate(loader)}
             if self.ema is not None:
-                with self.ema.swapped_in():
+                with self.ema.swapped_in(), products_context(self.fp32_products):
                     out['ema'] = self.objective.evaluate(loader)
         finally:
             self.engine.train()
