@@ -8,10 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointError, checkpoint
 
 from pretrain.config import ConfigError, load_config
 from pretrain.engine import cpu_bf16
 from pretrain.engine.cpu_bf16 import Fp32Products, use_fp32_products
+from pretrain.models.factory import set_grad_checkpointing, uses_grad_checkpointing
 
 
 def _layers():
@@ -87,6 +89,31 @@ def test_the_setting_chooses_only_for_bf16_on_a_cpu(monkeypatch, has):
     assert not use_fp32_products('native', device=cpu, dtype=bf16)
     assert not use_fp32_products('fp32', device=cpu, dtype=torch.float32)
     assert not use_fp32_products('fp32', device=torch.device('cuda', 0), dtype=bf16)
+    assert not use_fp32_products('fp32', device=cpu, dtype=bf16, compiled=True)
+    assert not use_fp32_products('fp32', device=cpu, dtype=bf16, checkpointing=True)
+
+
+def test_activation_checkpointing_is_why_the_mode_stays_off_and_it_is_found():
+    # torch's checkpoint recomputes in the backward, outside the mode, and refuses the dtype change: the trainer
+    # therefore leaves a checkpointed model on the native kernels (uses_grad_checkpointing finds it)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).bfloat16()
+    x = torch.randn(3, 8).bfloat16().requires_grad_()
+    with Fp32Products():
+        y = checkpoint(model, x, use_reentrant=False)
+    with pytest.raises(CheckpointError, match='different metadata'):
+        y.float().sum().backward()
+
+    import timm
+
+    import pretrain.models  # noqa: F401  (registers InternImage)
+    for name, kwargs in [('internimage_t', dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8])),
+                         ('convnext_atto', {})]:
+        net = timm.create_model(name, num_classes=10, **kwargs)
+        assert not uses_grad_checkpointing(net), name
+        set_grad_checkpointing(net, True, every=2)
+        assert uses_grad_checkpointing(net), name
+        set_grad_checkpointing(net, False)
+        assert not uses_grad_checkpointing(net), name
 
 
 def test_the_cpu_flags_are_read():

@@ -13,7 +13,9 @@ bf16 gradients to the bf16 parameters, as DeepSpeed expects. Only ops called dir
 (a Python function such as ``F.multi_head_attention_forward`` runs its inner ops as they are).
 
 ``deepspeed.cpu_bf16_products`` chooses: ``auto`` (fp32 products when the CPU lacks bf16 instructions),
-``fp32`` or ``native``. GPUs are never affected.
+``fp32`` or ``native``. GPUs are never affected, nor a compiled model, nor one with activation checkpointing (its
+recomputation runs in the backward, outside the mode: torch's checkpoint refuses the fp32 tensors the forward saved
+against the bf16 ones the recomputation saves).
 """
 from __future__ import annotations
 
@@ -65,10 +67,13 @@ def cpu_has_bf16_instructions() -> bool:
     return True
 
 
-def use_fp32_products(setting: str, *, device: torch.device, dtype: torch.dtype) -> bool:
+def use_fp32_products(setting: str, *, device: torch.device, dtype: torch.dtype, compiled: bool = False,
+                      checkpointing: bool = False) -> bool:
     """Whether a stage with ``deepspeed.cpu_bf16_products=setting`` on ``device`` in ``dtype`` runs its products in
-    fp32 (only bf16 on a CPU; ``auto``: when the CPU lacks bf16 instructions)."""
-    if device.type != 'cpu' or dtype != torch.bfloat16 or setting == 'native':
+    fp32 (only bf16 on a CPU; ``auto``: when the CPU lacks bf16 instructions). Never with ``compiled`` (torch.compile
+    makes its own kernels) or ``checkpointing`` (activation checkpointing recomputes in the backward, outside the
+    mode, and refuses tensors saved as fp32 in the forward and recomputed as bf16)."""
+    if device.type != 'cpu' or dtype != torch.bfloat16 or setting == 'native' or compiled or checkpointing:
         return False
     return setting == 'fp32' or not cpu_has_bf16_instructions()
 

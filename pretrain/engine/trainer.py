@@ -30,6 +30,7 @@ from pretrain.engine.ds_config import build_deepspeed_config
 from pretrain.engine.metrics import LossWindow, MetricsLogger, peak_memory_mib
 from pretrain.engine.optim import CosineWarmupSchedule, build_param_groups, describe_groups, scaled_lr
 from pretrain.engine.run_lock import acquire_run_lock, describe_holder
+from pretrain.models.factory import uses_grad_checkpointing
 from pretrain.objectives import build_model, build_objective_step
 from pretrain.ops.modules import align_convolutions
 
@@ -152,10 +153,10 @@ class Trainer:
             self.log('model compiled (torch.compile, inductor); the first steps and the first evaluation compile')
         self._compile_pending = {'train', 'eval'} if cfg.run.compile else set()
         self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[cfg.deepspeed.precision]
-        # bf16 on a CPU without bf16 instructions: the products in fp32 (pretrain/engine/cpu_bf16.py); not under
-        # torch.compile, whose kernels are its own
-        self.fp32_products = not cfg.run.compile and use_fp32_products(
-            cfg.deepspeed.cpu_bf16_products, device=torch.device(self.device), dtype=self.dtype)
+        # bf16 on a CPU without bf16 instructions: the products in fp32 (pretrain/engine/cpu_bf16.py)
+        self.fp32_products = use_fp32_products(
+            cfg.deepspeed.cpu_bf16_products, device=torch.device(self.device), dtype=self.dtype,
+            compiled=cfg.run.compile, checkpointing=uses_grad_checkpointing(self.engine.module))
         if self.fp32_products:
             self.log('bf16 on a CPU: linear, convolution and matmul run in fp32 and round to bf16 '
                      '(deepspeed.cpu_bf16_products)')

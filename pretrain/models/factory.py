@@ -36,8 +36,8 @@ from pretrain.models.weights import LoadReport, load_checkpoint
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
 
-__all__ = ['create_backbone', 'backbone_from_config', 'set_grad_checkpointing', 'checkpointable_blocks',
-           'output_stride']
+__all__ = ['create_backbone', 'backbone_from_config', 'set_grad_checkpointing', 'uses_grad_checkpointing',
+           'checkpointable_blocks', 'output_stride']
 
 
 def build_staged(cls: type[nn.Module], variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> nn.Module:
@@ -94,6 +94,17 @@ def set_grad_checkpointing(model: nn.Module, enable: bool = True, every: int = 1
             blk.forward = types.MethodType(_checkpointed_forward, blk)
         else:
             blk.__dict__.pop('forward', None)
+
+
+def uses_grad_checkpointing(model: nn.Module) -> bool:
+    """Whether any part of ``model`` runs under activation checkpointing: InternImage's block and stem flags, timm's
+    own ``grad_checkpointing``, or a block wrapped by :func:`set_grad_checkpointing`."""
+    for m in model.modules():
+        if getattr(m, 'grad_checkpointing', False) is True or getattr(m, 'stem_checkpointing', False) is True:
+            return True
+        if getattr(m.__dict__.get('forward'), '__func__', None) is _checkpointed_forward:
+            return True
+    return False
 
 
 def create_backbone(
