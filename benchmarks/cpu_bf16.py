@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--json-file', help='also write the results here')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     results = [time_model(CONFIGS[name], args.steps, args.warmup) for name in args.only or list(CONFIGS)]
     print(f'threads {args.threads}; CPU with bf16 instructions: {cpu_has_bf16_instructions()}; '
-          f'load average {os.getloadavg()[0]:.1f}')
+          f'load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after')
     print('| config | params | batch x px | ' + ' | '.join(f'{s} ms/img (median, min)' for s in SETTINGS)
           + ' | fp32-products vs native |')
     print('|---|---|---|' + '---|' * (len(SETTINGS) + 1))
