@@ -54,7 +54,8 @@ def _up(t):
 
 
 class Fp32Products(TorchFunctionMode):
-    """Within the mode, a product whose tensor operands include a bf16 CPU tensor runs in fp32 and returns bf16."""
+    """Within the mode, a product whose floating-point operands are all bf16 CPU tensors (and no ``out=``) runs in
+    fp32 and returns bf16; anything else runs as it is."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
