@@ -38,16 +38,12 @@ SETTINGS = ('fp32', 'bf16 native', 'bf16 fp32-products')
 
 def build(config: str):
     """(model, micro_batch, img_size) of a stage config, as training builds it (before DeepSpeed's cast)."""
-    import timm
-
-    import pretrain.models  # noqa: F401  (registers InternImage with timm)
     from pretrain.config import load_config
+    from pretrain.objectives import build_model
 
     cfg = load_config(os.path.join(REPO, config))
     torch.manual_seed(0)
-    model = timm.create_model(cfg.model.name, num_classes=cfg.model.num_classes,
-                              drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
-    return model, cfg.deepspeed.micro_batch_size, cfg.data.img_size
+    return build_model(cfg), cfg.deepspeed.micro_batch_size, cfg.data.img_size
 
 
 def time_model(config: str, steps: int, warmup: int) -> dict:

@@ -435,11 +435,12 @@ class Trainer:
             return {}
         self.engine.eval()
         try:
-            with self._first_compiled_call('eval'), products_context(self.fp32_products):
-                out = {'raw': self.objective.evaluate(loader)}
-            if self.ema is not None:
-                with self.ema.swapped_in(), products_context(self.fp32_products):
-                    out['ema'] = self.objective.evaluate(loader)
+            with products_context(self.fp32_products):
+                with self._first_compiled_call('eval'):
+                    out = {'raw': self.objective.evaluate(loader)}
+                if self.ema is not None:
+                    with self.ema.swapped_in():
+                        out['ema'] = self.objective.evaluate(loader)
         finally:
             self.engine.train()
         return out
