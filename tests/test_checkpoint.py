@@ -328,3 +328,5 @@ def test_resume_none_is_a_fresh_start_for_the_job_not_for_each_attempt(shards, t
 
 if __name__ == '__main__':
     _worker(sys.argv[1], sys.argv[2], *sys.argv[3:])
+    from tests.dist_helpers import leave_worker
+    leave_worker()

@@ -202,6 +202,5 @@ if __name__ == '__main__':
     import sys
 
     _trainer_worker(sys.argv[1], sys.argv[2])
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    from tests.dist_helpers import leave_worker
+    leave_worker()

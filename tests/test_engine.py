@@ -1021,6 +1021,5 @@ if __name__ == '__main__':
         _stream_worker(sys.argv[2])
     elif sys.argv[1] == 'nonfinite':
         _nonfinite_grad_worker(sys.argv[2], [int(s) for s in sys.argv[3].split(',')], sys.argv[4])
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    from tests.dist_helpers import leave_worker
+    leave_worker()

@@ -228,9 +228,8 @@ def test_callback_holds_masks_in_master_and_module_weights_for_every_zero_stage(
 
 if __name__ == '__main__':
     _worker(sys.argv[1])
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    from tests.dist_helpers import leave_worker
+    leave_worker()
 
 
 @pytest.mark.slow

@@ -159,6 +159,5 @@ def test_plan_reports_the_build_host_memory():
 
 if __name__ == '__main__':
     _worker(sys.argv[1], sys.argv[2])
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    from tests.dist_helpers import leave_worker
+    leave_worker()
