@@ -28,6 +28,14 @@ the same transform): images/s reading the same shards from local files and from 
 batch on)::
 
     python benchmarks/data.py --remote [--workers 2] [--passes 7] [--samples 256]
+
+``--tar`` measures reading the tar shards alone (every member's header and data, nothing decoded), in one process:
+Python's ``tarfile`` in stream mode (what ``data_pipelines.tario`` used until 2026-11-27) against
+``tario.TarReader``, passes alternating, median reported, on the 10,000 Fashion-MNIST test images written by our
+IDX writer into one shard (png, cls, txt, json: four small members per sample) and on the real CC12M shard (jpg, txt,
+json)::
+
+    python benchmarks/data.py --tar [--passes 15]
 """
 
 from __future__ import annotations
@@ -174,6 +182,78 @@ def measure_remote(args: argparse.Namespace) -> None:
     print(f"HTTP / local: {ratio:.2f}")
 
 
+def read_tar_with_tarfile(path: str) -> int:
+    """The baseline: tarfile's stream mode, as tario read shards before TarReader."""
+    n = 0
+    with open(path, "rb", buffering=1 << 20) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile():
+                tar.extractfile(member).read()
+                n += 1
+    return n
+
+
+def read_tar_with_ours(path: str) -> int:
+    from data_pipelines.tario import TarReader
+
+    n = 0
+    with open(path, "rb", buffering=1 << 20) as f:
+        reader = TarReader(f)
+        for member in reader:
+            if member.is_file:
+                reader.read()
+                n += 1
+    return n
+
+
+def measure_tar(args: argparse.Namespace) -> None:
+    """Members per second read by tarfile and by TarReader, the same shards, passes alternating."""
+    import tempfile
+
+    from data_pipelines.writers import WriteOptions, list_idx, load_class_names, write_shards
+
+    fashion = os.path.dirname(FASHION_MNIST)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(REPO_ROOT, "configs", "fashion_mnist", "caption_templates.txt"), encoding="utf-8") as f:
+            templates = [line.strip() for line in f if line.strip()]
+        samples, class_map = list_idx(os.path.join(fashion, "t10k-images-idx3-ubyte.gz"),
+                                      os.path.join(fashion, "t10k-labels-idx1-ubyte.gz"),
+                                      load_class_names(os.path.join(REPO_ROOT, "configs", "fashion_mnist",
+                                                                    "classnames.txt")),
+                                      caption_templates=templates)
+        write_shards(samples, tmp, WriteOptions(samples_per_shard=len(samples), progress=False, prefix="fm"),
+                     kind="idx", input_desc="t10k", class_map=class_map)
+        shards = {"Fashion-MNIST test (10,000 samples)": os.path.join(tmp, "fm-000000.tar"),
+                  "CC12M (real)": CC12M_TAR}
+        readers = {"tarfile": read_tar_with_tarfile, "TarReader": read_tar_with_ours}
+        results = {}
+        for label, path in shards.items():
+            counts = {name: read(path) for name, read in readers.items()}  # warm-up (page cache), and a check
+            assert len(set(counts.values())) == 1, counts
+            rates: dict[str, list[float]] = {name: [] for name in readers}
+            for _ in range(args.passes):
+                for name, read in readers.items():
+                    start = time.perf_counter()
+                    read(path)
+                    rates[name].append(counts[name] / (time.perf_counter() - start))
+            medians = {name: statistics.median(r) for name, r in rates.items()}
+            results[label] = {"members": counts["tarfile"], "bytes": os.path.getsize(path),
+                              "tarfile_members_per_s": round(medians["tarfile"]),
+                              "ours_members_per_s": round(medians["TarReader"]),
+                              "speedup": round(medians["TarReader"] / medians["tarfile"], 2)}
+    env = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+           "passes": args.passes, "load_average": os.getloadavg()}
+    if args.json:
+        print(json.dumps({"env": env, "results": results}, indent=1))
+        return
+    print(f"env: {env}")
+    print("| shard | members | tarfile (members/s) | TarReader (members/s) | speed-up |")
+    print("|---|---|---|---|---|")
+    for label, r in results.items():
+        print(f"| {label} | {r['members']} | {r['tarfile_members_per_s']} | {r['ours_members_per_s']} | "
+              f"{r['speedup']}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--passes", type=int, default=15)
@@ -184,7 +264,11 @@ def main() -> None:
     parser.add_argument("--remote", action="store_true", help="the loader from loopback HTTP against local files")
     parser.add_argument("--workers", type=int, default=2, help="--remote: data-loader worker processes")
     parser.add_argument("--samples", type=int, default=256, help="--remote: images per pass")
+    parser.add_argument("--tar", action="store_true", help="reading tar shards alone: tarfile against TarReader")
     args = parser.parse_args()
+    if args.tar:
+        measure_tar(args)
+        return
     if args.remote:
         measure_remote(args)
         return
