@@ -151,8 +151,8 @@ def test_a_wrong_setting_fails_naming_the_key():
 
 
 def _trainer_worker(out_file: str, setting: str) -> None:
-    """One bf16 training step of a tiny InternImage through the Trainer (1 rank, ZeRO-1): the dtypes of the product
-    kernels its forward and backward ran."""
+    """One bf16 training step of a tiny InternImage through the Trainer (1 rank, ZeRO-1), then its evaluation (raw
+    and EMA weights): the dtypes of the product kernels each ran."""
     import json
 
     from pretrain.config import config_from_dict
@@ -164,6 +164,7 @@ def _trainer_worker(out_file: str, setting: str) -> None:
         'data': {'train': [{'name': 'unused', 'urls': 'unused.tar'}], 'img_size': 32},
         'schedule': {'total_steps': 2, 'warmup_steps': 0, 'lr_scale_by_batch': False},
         'deepspeed': {'zero_stage': 1, 'precision': 'bf16', 'micro_batch_size': 4, 'cpu_bf16_products': setting},
+        'ema': {'enabled': True},
         'checkpoint': {'resume': 'none'},
         'logging': {'tensorboard': False, 'progress': False},
         'run': {'output_dir': os.path.dirname(out_file), 'seed': 0},
@@ -172,10 +173,17 @@ def _trainer_worker(out_file: str, setting: str) -> None:
     batch = {'image': torch.randn(4, 3, 32, 32), 'label': torch.tensor([0, 1, 2, 3]), 'key': [''] * 4}
     with _ProductDtypes() as kernels:
         trainer.train_step(lambda: batch)
+    trainer.val_loader = [batch]
+    with _ProductDtypes() as eval_kernels:
+        metrics = trainer.evaluate()
+
+    def names(seen) -> list[str]:
+        return sorted({f'{name}:{sorted(str(d) for d in dtypes)}' for name, dtypes in seen})
+
     with open(out_file, 'w') as f:
-        json.dump({'fp32_products': trainer.fp32_products,
-                   'kernels': sorted({f'{name}:{sorted(str(d) for d in dtypes)}' for name, dtypes in kernels.seen})},
-                  f)
+        json.dump({'fp32_products': trainer.fp32_products, 'kernels': names(kernels.seen),
+                   'eval_kernels': names(eval_kernels.seen),
+                   'eval_images': {k: v['images'] for k, v in metrics.items()}}, f)
 
 
 @pytest.mark.slow
@@ -196,6 +204,10 @@ def test_the_trainer_runs_its_step_under_the_setting(tmp_path, setting):
     assert {'convolution', 'convolution_backward', 'addmm', 'mm'} <= names, got
     # every product kernel of the step, forward and backward, ran in one dtype
     assert all(k.endswith(f"['{dtype}']") for k in got['kernels']), got
+    # and so did the evaluation's, of the raw weights and of the EMA's
+    assert got['eval_images'] == {'raw': 4, 'ema': 4}, got
+    assert {'convolution', 'addmm'} <= {k.split(':')[0] for k in got['eval_kernels']}, got
+    assert all(k.endswith(f"['{dtype}']") for k in got['eval_kernels']), got
 
 
 if __name__ == '__main__':
