@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "real"
+# tests.dist_helpers.leave_worker refuses to exit the pytest process itself (it would end the run with status 0).
+os.environ["PRETRAIN_PYTEST_PID"] = str(os.getpid())
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ def leave_worker() -> NoReturn:
     """
     import torch.distributed as dist
 
+    if os.environ.get("PRETRAIN_PYTEST_PID") == str(os.getpid()):
+        raise RuntimeError("leave_worker() called in the pytest process: it is for worker processes only")
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.stdout.flush()

@@ -2,11 +2,14 @@
 and compression tarfile writes, and a clear TarReadError (never wrong data) for every cut or damaged byte."""
 
 import io
+import random
+import re
 import tarfile
 
 import pytest
 
-from data_pipelines.tario import TarReader, TarReadError, iter_tar_samples
+from data_pipelines.errors import SkipSample
+from data_pipelines.tario import TAR_READ_ERRORS, TarReader, TarReadError, iter_tar_samples
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 
@@ -47,8 +50,21 @@ def _tar_bytes(fmt: int, mode: str = "w", pax_headers: dict | None = None) -> by
     return out.getvalue()
 
 
-def _read_ours(data: bytes) -> list[tuple]:
-    reader = TarReader(io.BytesIO(data))
+class _Trickle(io.RawIOBase):
+    """A stream that returns 1 to 7 bytes per read, as a pipe or a socket may."""
+
+    def __init__(self, data: bytes, seed: int = 0):
+        self.data, self.pos, self.rng = data, 0, random.Random(seed)
+
+    def read(self, size: int = -1) -> bytes:
+        n = self.rng.randint(1, 7) if size < 0 else min(size, self.rng.randint(1, 7))
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += len(chunk)
+        return chunk
+
+
+def _read_ours(data: bytes, stream=io.BytesIO) -> list[tuple]:
+    reader = TarReader(stream(data))
     return [(m.name, m.size, m.offset, m.is_file, reader.read() if m.is_file else None) for m in reader]
 
 
@@ -63,7 +79,7 @@ def _read_tarfile(data: bytes) -> list[tuple]:
 def test_members_data_and_offsets_equal_tarfiles(fmt, mode):
     data = _tar_bytes(FORMATS[fmt], mode)
     ours = _read_ours(data)
-    assert ours == _read_tarfile(data)
+    assert ours == _read_tarfile(data) == _read_ours(data, _Trickle)
     assert len(ours) == len(_members(FORMATS[fmt]))
     assert TarReader(io.BytesIO(data)).compressed == (mode != "w")
 
@@ -80,7 +96,8 @@ def test_pax_global_header_and_base256_size():
     assert _read_ours(tar) == _read_tarfile(tar) == [("big.bin", 700, 0, True, (bytes(range(256)) * 2 + bytes(188)))]
 
 
-def test_every_cut_yields_whole_members_then_an_error_naming_the_byte():
+@pytest.mark.parametrize("stream", [io.BytesIO, _Trickle])
+def test_every_cut_yields_whole_members_then_an_error_naming_the_byte(stream):
     data = _tar_bytes(tarfile.PAX_FORMAT)
     full = _read_ours(data)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
@@ -88,19 +105,95 @@ def test_every_cut_yields_whole_members_then_an_error_naming_the_byte():
         end = tar.offset  # the first end-of-archive block
     # A cut exactly at a member's first header is the end of a shorter tar (tarfile accepts a tar without end blocks).
     ends = {m[2] for m in full} | {end}
+    errors = 0
     for cut in range(1, len(data), 37):
+        got = []
+        try:
+            reader = TarReader(stream(data[:cut]))
+            for m in reader:
+                got.append((m.name, m.size, m.offset, m.is_file, reader.read() if m.is_file else None))
+        except TarReadError as e:
+            errors += 1
+            assert int(re.search(r"byte (\d+)", str(e)).group(1)) <= cut < end, (cut, e)  # names where it broke
+            assert cut not in ends
+        else:
+            assert cut in ends or cut >= end, cut  # a cut in the end-of-archive blocks loses nothing
+            assert len(got) == (len(full) if cut >= end else sum(m[2] < cut for m in full)), cut
+        assert got == full[:len(got)], cut  # never a member with wrong or short data
+    assert errors > len(range(1, len(data), 37)) // 2
+
+
+def test_every_cut_of_a_compressed_tar_yields_whole_members_then_an_error():
+    data = _tar_bytes(tarfile.PAX_FORMAT, "w:gz")
+    full = _read_ours(data)
+    errors = 0
+    for cut in range(1, len(data), 29):
         got = []
         try:
             reader = TarReader(io.BytesIO(data[:cut]))
             for m in reader:
                 got.append((m.name, m.size, m.offset, m.is_file, reader.read() if m.is_file else None))
-        except TarReadError as e:
-            assert "byte" in str(e) or str(e) == "empty file", (cut, e)
-        else:
-            assert cut in ends or cut >= end + 512, cut
+        except TAR_READ_ERRORS:
+            errors += 1
+        else:  # the cut was after the end-of-archive block's compressed bytes (in the gzip trailer)
+            assert got == full, cut
         assert got == full[:len(got)], cut
-        if got and got[-1][3]:  # a yielded file's data is whole
-            assert got[-1] == full[len(got) - 1]
+    assert errors > len(range(1, len(data), 29)) // 2
+
+
+def test_a_cut_shard_yields_its_whole_samples_not_the_cut_one(tmp_path):
+    samples = [(f"{i:06d}", {"png": bytes([i]) * (300 + 200 * i), "cls": str(i).encode(), "txt": b"t" * i})
+               for i in range(6)]
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tar:
+        for key, parts in samples:
+            for ext, payload in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    data = whole.read_bytes()
+    with tarfile.open(whole) as tar:
+        starts = {m.offset for m in tar.getmembers()}
+        end = tar.offset
+    cut_file = tmp_path / "cut.tar"
+    for cut in range(600, end, 211):
+        cut_file.write_bytes(data[:cut])
+        got = []
+        with pytest.raises(SkipSample) as caught:
+            for sample in iter_tar_samples(str(cut_file)):
+                got.append(sample)
+        assert cut not in starts
+        assert caught.value.reason == "truncated_tar" and str(cut_file) in str(caught.value), cut
+        assert [{k: v for k, v in s.items() if not k.startswith("__")} for s in got] == \
+            [parts for _, parts in samples[:len(got)]], cut  # whole samples only, in order
+        assert str(caught.value).endswith(f"(sample cut: {samples[len(got)][0]})"), (cut, caught.value)
+
+
+def test_names_that_look_like_compression_and_trailing_bytes_after_a_gzip_tar():
+    # A plain tar whose first member's name starts like a bzip2 or gzip stream is still a plain tar.
+    for name in ("BZh91AY&SY.txt", "\x1f\x8b\x08.txt"):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+        assert _read_ours(out.getvalue()) == [(name, 3, 0, True, b"abc")]  # tarfile's "r|*" gives up on these
+        assert not TarReader(io.BytesIO(out.getvalue())).compressed
+    # Bytes after a gzip tar's end (tarfile never reads them; gzip would refuse them): every member still arrives.
+    data = _tar_bytes(tarfile.PAX_FORMAT, "w:gz") + b"trailing junk"
+    assert _read_ours(data) == _read_tarfile(data)
+
+
+def test_a_bad_pax_size_or_a_negative_size_is_a_tar_error():
+    for size in ("1x", "-1"):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo("a.txt")
+            info.size = 3
+            info.pax_headers = {"size": size}
+            tar.addfile(info, io.BytesIO(b"abc"))
+        with pytest.raises(TarReadError, match="size"):
+            _read_ours(out.getvalue())
 
 
 def test_damaged_header_and_not_a_tar():
@@ -122,6 +215,13 @@ def test_gnu_sparse_is_refused_not_misread():
     header[148:156] = b"%06o\x00 " % sum(header)
     with pytest.raises(TarReadError, match="GNU sparse member at byte 0"):
         list(TarReader(io.BytesIO(bytes(header) + bytes(1024))))
+    out = io.BytesIO()  # pax sparse (GNU tar 1.14+): records on a regular member
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("sparse.bin")
+        info.pax_headers = {"GNU.sparse.size": "4096", "GNU.sparse.numblocks": "0"}
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(TarReadError, match="GNU sparse member at byte 0"):
+        list(TarReader(io.BytesIO(out.getvalue())))
 
 
 def test_samples_resume_at_a_reported_offset_of_a_pax_tar(tmp_path):
