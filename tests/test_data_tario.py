@@ -10,6 +10,7 @@ import pytest
 
 from data_pipelines.errors import SkipSample
 from data_pipelines.tario import TAR_READ_ERRORS, TarReader, TarReadError, iter_tar_samples
+from tests.data_helpers import write_tar
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 
@@ -145,12 +146,7 @@ def test_a_cut_shard_yields_its_whole_samples_not_the_cut_one(tmp_path):
     samples = [(f"{i:06d}", {"png": bytes([i]) * (300 + 200 * i), "cls": str(i).encode(), "txt": b"t" * i})
                for i in range(6)]
     whole = tmp_path / "whole.tar"
-    with tarfile.open(whole, "w") as tar:
-        for key, parts in samples:
-            for ext, payload in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    write_tar(str(whole), samples)
     data = whole.read_bytes()
     with tarfile.open(whole) as tar:
         starts = {m.offset for m in tar.getmembers()}
