@@ -10,8 +10,6 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "real"
-# tests.dist_helpers.leave_worker refuses to exit the pytest process itself (it would end the run with status 0).
-os.environ["PRETRAIN_PYTEST_PID"] = str(os.getpid())
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +28,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    """tests.dist_helpers.leave_worker refuses to exit the pytest process itself (it would end the run with status 0).
+    Set here, not at import: worker scripts import this module (REAL_DATA, REPO_ROOT) and would record their own pid."""
+    os.environ["PRETRAIN_PYTEST_PID"] = str(os.getpid())
 
 
 def pytest_collection_modifyitems(config, items):
