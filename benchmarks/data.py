@@ -210,12 +210,11 @@ def measure_tar(args: argparse.Namespace) -> None:
     """Members per second read by tarfile and by TarReader, the same shards, passes alternating."""
     import tempfile
 
-    from data_pipelines.writers import WriteOptions, list_idx, load_class_names, write_shards
+    from data_pipelines.writers import WriteOptions, list_idx, load_caption_templates, load_class_names, write_shards
 
     fashion = os.path.dirname(FASHION_MNIST)
     with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(REPO_ROOT, "configs", "fashion_mnist", "caption_templates.txt"), encoding="utf-8") as f:
-            templates = [line.strip() for line in f if line.strip()]
+        templates = load_caption_templates(os.path.join(REPO_ROOT, "configs", "fashion_mnist", "caption_templates.txt"))
         samples, class_map = list_idx(os.path.join(fashion, "t10k-images-idx3-ubyte.gz"),
                                       os.path.join(fashion, "t10k-labels-idx1-ubyte.gz"),
                                       load_class_names(os.path.join(REPO_ROOT, "configs", "fashion_mnist",

@@ -109,10 +109,7 @@ def _write(args: argparse.Namespace) -> int:
     elif args.kind == "idx":
         if not args.labels or not args.class_names:
             raise SystemExit("write idx: --labels and --class-names are required")
-        templates: list[str] = []
-        if args.caption_templates:
-            with open(args.caption_templates, encoding="utf-8") as f:
-                templates = [line.strip() for line in f if line.strip()]
+        templates = writers.load_caption_templates(args.caption_templates) if args.caption_templates else []
         samples, class_map = writers.list_idx(args.input, args.labels, writers.load_class_names(args.class_names),
                                               caption_templates=templates, caption_seed=args.shuffle_seed)
     else:

@@ -348,6 +348,18 @@ def load_class_names(spec: str) -> list[str]:
     return names
 
 
+def load_caption_templates(path: str) -> list[str]:
+    """Caption templates from a file, one per line (blank lines skipped), each holding ``{class}``."""
+    with open(path, encoding="utf-8") as f:
+        templates = [line.strip() for line in f if line.strip()]
+    if not templates:
+        raise ValueError(f"caption templates {path}: no templates in the file")
+    for template in templates:
+        if "{class}" not in template:
+            raise ValueError(f"caption templates {path}: {template!r} has no {{class}} placeholder")
+    return templates
+
+
 def list_idx(images_path: str, labels_path: str, class_names: Sequence[str], *,
              caption_templates: Sequence[str] = (), caption_seed: int = 0) -> tuple[list[InputSample], dict[str, int]]:
     """List the images of an IDX pair (``*-images-idx3-ubyte[.gz]``, ``*-labels-idx1-ubyte[.gz]``) as greyscale

@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_pipelines.cli import main
 from data_pipelines.manifest import read_manifest, verify_manifest
-from data_pipelines.writers import list_idx, load_class_names, read_idx
+from data_pipelines.writers import list_idx, load_caption_templates, load_class_names, read_idx
 from tests.data_helpers import REAL_DATA, REPO_ROOT, read_tar
 
 FASHION = os.path.join(REAL_DATA, "fashion-mnist")
@@ -94,3 +94,17 @@ def test_bad_idx_files_fail_naming_the_file(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="--labels and --class-names are required"):
         main(["write", "idx", str(images), str(out), "--no-progress"])
+
+
+def test_caption_template_files_fail_naming_the_file(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("a photo of a {class}\n\n  a {class}, product photo  \n")
+    assert load_caption_templates(str(good)) == ["a photo of a {class}", "a {class}, product photo"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a photo of a {class}\na photo of a thing\n")
+    with pytest.raises(ValueError, match=rf"{bad}: 'a photo of a thing' has no \{{class\}} placeholder"):
+        load_caption_templates(str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(ValueError, match=rf"{empty}: no templates"):
+        load_caption_templates(str(empty))
