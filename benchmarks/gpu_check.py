@@ -145,6 +145,15 @@ class Check:
         return [sys.executable, *args]
 
 
+def take_rows(path: Path, part: dict, key: str | None = None) -> None:
+    """Move a benchmark's JSON rows (``key`` of its object, or the whole file) into its part of the report and
+    delete the file: the rows live in the report, and a later run never reports a killed earlier run's rows."""
+    if path.is_file():
+        rows = json.loads(path.read_text())
+        part['rows'] = rows[key] if key else rows
+        path.unlink()
+
+
 def capture(cmd: list[str], env: dict | None = None, timeout: float = 60) -> str:
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
@@ -284,9 +293,7 @@ def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Po
                                             '--block-threads', check.block_threads,
                                             '--backends', 'ours,legacy,reference,dcnv4',  # DCNv4 late: it builds
                                             '--budget-s', str(max(budget - 10, 1))), budget, concurrent=concurrent())
-        if kernel_json.is_file():
-            part['rows'] = json.loads(kernel_json.read_text())
-            kernel_json.unlink()
+        take_rows(kernel_json, part)
     if check.wants('throughput'):
         train_json = SCRATCH / 'gpu_train.json'
         train_json.unlink(missing_ok=True)  # never report a killed earlier run's rows
@@ -295,9 +302,7 @@ def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Po
                                                 '--batches', '64,128', '--json', str(train_json), '--profile',
                                                 '--budget-s', str(max(budget - 45, 1))), budget,
                          concurrent=concurrent())
-        if train_json.is_file():
-            part['rows'] = json.loads(train_json.read_text())
-            train_json.unlink()  # the rows live in the report
+        take_rows(train_json, part)
     if check.wants('h1gpu'):
         plan_json, h_json = SCRATCH / 'h-plan.json', SCRATCH / 'gpu_h.json'
         h_json.unlink(missing_ok=True)
@@ -325,9 +330,7 @@ def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Po
                          budget, plan=plan_state, concurrent=concurrent())
         if plan_ok:
             part['plan_result'] = plan_result
-        if h_json.is_file():
-            part['rows'] = json.loads(h_json.read_text())
-            h_json.unlink()
+        take_rows(h_json, part)
     if check.wants('compile'):
         compile_json = SCRATCH / 'compile.json'
         compile_json.unlink(missing_ok=True)
@@ -335,9 +338,7 @@ def run_gpu(check: Check, facts: dict, build: tuple | None, dcnv4: subprocess.Po
                                              '--batch', '64', '--steps', '5', '--threads', str(os.cpu_count() or 8),
                                              '--json-file', str(compile_json)),
                          check.budget('compile'), concurrent=concurrent())
-        if compile_json.is_file():
-            part['rows'] = json.loads(compile_json.read_text())['rows']
-            compile_json.unlink()
+        take_rows(compile_json, part, key='rows')
     if dcnv4 is None:
         check.parts['dcnv4'] = {'status': 'not run', 'reason': check.parts['setup'].get('dcnv4')}
     elif dcnv4.poll() is None:
