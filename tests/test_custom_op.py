@@ -20,8 +20,8 @@ def cpu_kernel():
         pytest.fail(f"the fused CPU kernel did not build: {build.failure('cpu')}")
 
 
-def _op_args(shape, dtype, side_dtype=None, batch=None):
-    tensors, args = make_inputs(shape if batch is None else (batch, *shape[1:]), dtype=dtype)
+def _op_args(shape, dtype, side_dtype=None, batch=None, device='cpu'):
+    tensors, args = make_inputs(shape if batch is None else (batch, *shape[1:]), dtype=dtype, device=device)
     x, offset, mask = tensors
     if side_dtype is not None:  # dcnv3_core's rule: fp32 offset/mask kept beside a 16-bit input
         offset, mask = (t.detach().to(side_dtype).requires_grad_() for t in (offset, mask))
@@ -42,15 +42,20 @@ def test_opcheck_forward_with_the_fused_kernel(case):
     torch.library.opcheck(FORWARD, _op_args(*CASES[case]))
 
 
-@pytest.mark.parametrize('case', ['fp32_batch1', 'bf16_fp32_offsets'])
-def test_opcheck_backward_op(case):
-    args = _op_args(*CASES[case])
+def opcheck_backward_op(args) -> None:
+    """opcheck of the backward operator at the forward's inputs (on their device); its gradients come back in the
+    inputs' dtypes (fp32 offset/mask gradients beside a 16-bit input)."""
     out = dcnv3_forward(*args)
-    grad = torch.randn(out.shape, dtype=torch.float32).to(out.dtype)
+    grad = torch.randn_like(out)
     detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(BACKWARD, (*detached, grad))
     grads = dcnv3_backward(*detached, grad)
     assert [g.dtype for g in grads] == [a.dtype for a in detached[:3]]
+
+
+@pytest.mark.parametrize('case', ['fp32_batch1', 'bf16_fp32_offsets'])
+def test_opcheck_backward_op(case):
+    opcheck_backward_op(_op_args(*CASES[case]))
 
 
 def test_opcheck_with_the_reference_fallback(monkeypatch):
