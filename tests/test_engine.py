@@ -897,6 +897,32 @@ def test_epoch_mode_goes_on_at_another_world_size(shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_epoch_mode_goes_on_from_one_rank_to_two(shards, tmp_path):
+    """Epoch mode, 32 samples. 1 rank x 4 images trains 2 steps (8 samples), then 2 ranks resume: rank 0 reads the
+    saved per-rank state and broadcasts it. With that file unreadable both ranks stop with rank 0's error (none
+    waits); restored, the 2 ranks read the 24 samples not yet read (3 steps), so epoch 1 begins at step 6."""
+    run = tmp_path / 'run'
+    cfg = stage_config(tmp_path / 'cfg.yaml', shards, run, schedule={'total_steps': 8, 'warmup_steps': 2},
+                       checkpoint={'interval_steps': 2, 'keep_last': 2})
+    run_procs(1, ['-m', 'pretrain', 'train', str(cfg), 'run.stop_after_steps=2'])
+    rank_file = run / 'checkpoints' / 'step_00000002' / 'rank_00000.pt'
+    good = rank_file.read_bytes()
+    rank_file.write_bytes(good[:len(good) // 2])
+    with pytest.raises(AssertionError) as failed:
+        run_procs(2, ['-m', 'pretrain', 'train', str(cfg)])
+    said = str(failed.value)
+    assert f'rank 0 could not read the per-rank states saved in {rank_file.parent}' in said, said[-4000:]
+    rank_file.write_bytes(good)
+    out = run_procs(2, ['-m', 'pretrain', 'train', str(cfg)])
+    assert '(universal)' in out and 'epoch 0 goes on with the 24 samples' in out, out[-3000:]
+    rows = [r for r in map(json.loads, (run / 'metrics.jsonl').read_text().splitlines()) if r['split'] == 'train']
+    epochs = {r['step']: r['epoch'] for r in rows}
+    assert [epochs[s] for s in range(1, 9)] == [0] * 5 + [1] * 3
+    assert rows[-1]['samples_seen'] == 8 + 6 * 8
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_nonfinite_steps_are_skipped_then_stop_names_step_and_checkpoint(shards, tmp_path):
     """An absurd learning rate makes the weights overflow after the first steps: non-finite steps are skipped and
     counted, and after 2 in a row the run stops with exit status 3 and an error naming the step and the last good

@@ -639,7 +639,7 @@ class CheckpointManager:
                 else:
                     report['not_restored'].append(f'{name} (not in the checkpoint; starts afresh)')
         elif per_rank:
-            saved = [safe_load(os.path.join(plan.step_dir, f'rank_{r:05d}.pt')) for r in range(plan.saved_world_size)]
+            saved = self._read_saved_ranks(plan)
             for name, part in per_rank.items():
                 other = getattr(part, 'load_other_world_size', None)
                 report['not_restored'].append(other([s.get(name) for s in saved]) if other is not None else
@@ -659,6 +659,28 @@ class CheckpointManager:
             avg.load_state_dicts(states)
         self.last_committed = plan.step_dir
         return report
+
+    def _read_saved_ranks(self, plan: ResumePlan) -> list[dict]:
+        """Collective. Every saved rank's ``rank_*.pt`` (a resume at another world size): rank 0 reads them and
+        broadcasts, so the shared file system serves N reads, not one per saved rank on every rank. Rank 0's read
+        error is raised on every rank (the others with its message), none is left waiting."""
+        paths = [os.path.join(plan.step_dir, f'rank_{r:05d}.pt') for r in range(plan.saved_world_size)]
+        if not (dist.is_initialized() and self.world_size > 1):
+            return [safe_load(p) for p in paths]
+        box: list = [None]
+        error = None
+        if self.rank == 0:
+            try:
+                box[0] = ('ok', [safe_load(p) for p in paths])
+            except Exception as e:  # noqa: BLE001 - told to every rank, then raised here as it was
+                error, box[0] = e, ('error', f'{type(e).__name__}: {e}')
+        dist.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        status, value = box[0]
+        if status == 'error':
+            raise RuntimeError(f'rank 0 could not read the per-rank states saved in {plan.step_dir}: {value}')
+        return value
 
 
 def _folder_bytes(path: str) -> int:
