@@ -8,8 +8,9 @@ differ only in ``model``). Per model it reports the parameter count, the wall ti
 machine's load average before and after (the timings are only comparable on an otherwise idle machine).
 
     python benchmarks/convergence.py                               # the 15-minute budget (configs as shipped)
-    python benchmarks/convergence.py --tag long30 --epochs 30 --only internimage run.eval_interval_steps=2340
-                                                                   # the longer run (evaluated every 5 epochs)
+    python benchmarks/convergence.py --tag long30 --epochs 30 --only internimage run.eval_interval_steps=2340 \
+        deepspeed.micro_batch_size=64 optim.lr_base=2e-3 schedule.warmup_steps=100
+                                                                   # the longer run of 2026-11-27 (its recipe)
     python benchmarks/convergence.py --epochs 0.2 --only internimage   # a short probe
 
 Writes the shards first when they are missing (``python -m data_pipelines write idx``, under runs/fashion_mnist),

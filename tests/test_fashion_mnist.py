@@ -50,8 +50,9 @@ def test_tiny_run_on_2000_images_far_above_chance(tmp_path):
     overrides = [f'data.train=[{{name: train, urls: "{shards["train"]}"}}]',
                  f'data.val=[{{name: test, urls: "{shards["test"]}"}}]',
                  "model.kwargs={channels: 16, depths: [1, 1, 2, 1], groups: [1, 2, 4, 8]}",
-                 "deepspeed.precision=fp32", "deepspeed.micro_batch_size=32", "schedule.epochs=3",
-                 "schedule.warmup_steps=10", "ema.decay=0.98", "run.eval_interval_steps=0", "data.num_workers=1",
+                 "deepspeed.precision=fp32", "deepspeed.micro_batch_size=32", "optim.lr_base=2e-3",
+                 "schedule.epochs=3", "schedule.warmup_steps=10", "ema.decay=0.98", "run.eval_interval_steps=0",
+                 "data.num_workers=1",
                  f"run.output_dir={run_dir}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     res = subprocess.run([sys.executable, "-m", "pretrain", "train", "configs/stage/fashion_mnist_internimage.yaml",
