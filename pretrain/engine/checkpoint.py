@@ -211,6 +211,11 @@ def _average_file(name: str, rank: int) -> str:
     return f'{name}_{rank:05d}.pt'
 
 
+def _rank_file(rank: int) -> str:
+    """A rank's per-rank parts (``rank_RRRRR.pt``)."""
+    return _average_file('rank', rank)
+
+
 def average_files(step_dir: str | os.PathLike, name: str) -> list[str]:
     """The files of the weight average ``name`` (``ema``, ``teacher``) saved in ``step_dir``, in rank order: one
     per saved rank when it is partitioned (ZeRO-3), else rank 0's alone. ``[]`` when the folder holds none of them.
@@ -378,7 +383,7 @@ class CheckpointManager:
     def _write_parts(self, step_dir: str) -> None:
         per_rank = {n: p.state_dict() for n, p in self._scoped('per_rank').items()}
         atomic_torch_save({**per_rank, 'rank': self.rank, 'world_size': self.world_size},
-                          os.path.join(step_dir, f'rank_{self.rank:05d}.pt'))
+                          os.path.join(step_dir, _rank_file(self.rank)))
         for name, avg in self._scoped('average').items():
             if self.rank == 0 or any(avg.partitioned.values()):
                 atomic_torch_save(avg.state_dict(), os.path.join(step_dir, _average_file(name, self.rank)))
@@ -632,7 +637,7 @@ class CheckpointManager:
                 part.load_state_dict(state)
         per_rank = self._scoped('per_rank')
         if plan.mode == 'exact':
-            mine = safe_load(os.path.join(plan.step_dir, f'rank_{self.rank:05d}.pt'))
+            mine = safe_load(os.path.join(plan.step_dir, _rank_file(self.rank)))
             for name, part in per_rank.items():
                 if name in mine:
                     part.load_state_dict(mine[name])
@@ -664,7 +669,7 @@ class CheckpointManager:
         """Collective. Every saved rank's ``rank_*.pt`` (a resume at another world size): rank 0 reads them and
         broadcasts, so the shared file system serves N reads, not one per saved rank on every rank. Rank 0's read
         error is raised on every rank (the others with its message), none is left waiting."""
-        paths = [os.path.join(plan.step_dir, f'rank_{r:05d}.pt') for r in range(plan.saved_world_size)]
+        paths = [os.path.join(plan.step_dir, _rank_file(r)) for r in range(plan.saved_world_size)]
         if not (dist.is_initialized() and self.world_size > 1):
             return [safe_load(p) for p in paths]
         box: list = [None]
