@@ -12,6 +12,11 @@ machine's load average before and after (the timings are only comparable on an o
         deepspeed.micro_batch_size=64 optim.lr_base=2e-3 schedule.warmup_steps=100
                                                                    # the longer run of 2026-11-27 (its recipe)
     python benchmarks/convergence.py --epochs 0.2 --only internimage   # a short probe
+    python benchmarks/convergence.py --fit ...                     # also: top-1 on the training images
+
+``--fit`` adds, after each training command (outside its wall time), the top-1 of the final raw and EMA weights on
+all 60,000 training images without augmentation (the test images' eval transform): how well the model fits what it
+trained on, which beside the test top-1 tells underfitting (both low and close) from overfitting (a wide gap).
 
 Writes the shards first when they are missing (``python -m data_pipelines write idx``, under runs/fashion_mnist),
 and a JSON record of every result to ``runs/fashion_mnist/convergence-<time>.json``.
@@ -62,6 +67,23 @@ def train(name: str, config: str, overrides: list[str], out_dir: Path, log: Path
             'params': count_params(config), 'load_before': load_before, 'load_after': load_average()}
 
 
+def top1_on_shards(out_dir: Path, shards: Path) -> dict:
+    """{'raw': top-1 (%), 'ema': top-1} of the run's last checkpoint on every sample of ``shards`` (a folder with a
+    manifest), with the run's eval transform (no augmentation), fp32 in this process."""
+    from pretrain.demo import classify_shards
+    from pretrain.export import consolidate
+    from pretrain.models import create_backbone
+
+    top1 = {}
+    for weights in ('raw', 'ema'):
+        state, meta = consolidate(out_dir, weights)
+        model = create_backbone(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
+        model.load_state_dict(state)
+        data = meta.config['data']
+        top1[weights] = classify_shards(model, shards, data['img_size'], data['eval_crop_pct'], data['interpolation'])
+    return top1
+
+
 def _children_cpu_s() -> float:
     # CPU seconds of finished child processes (ranks and loader workers): on a shared machine, wall time grows with
     # the other jobs' load, CPU time much less; an idle 2-core machine needs about cpu_s / 2 of wall time.
@@ -86,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--epochs', type=float, default=None, help='override schedule.epochs of both configs')
     parser.add_argument('--only', choices=sorted(CONFIGS), action='append', help='run only this model (repeatable)')
     parser.add_argument('--tag', default=time.strftime('%Y%m%d-%H%M%S', time.gmtime()), help='output folder suffix')
+    parser.add_argument('--fit', action='store_true', help='also evaluate the final weights on the training images')
     parser.add_argument('overrides', nargs='*', help='key.sub=value, applied to both configs')
     args = parser.parse_args(argv)
     from pretrain.demo import fashion_mnist_jobs, write_verified_shards
@@ -100,17 +123,22 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = DATA / f'convergence-{args.tag}' / name
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         result = train(name, CONFIGS[name], overrides, out_dir, out_dir.parent / f'{name}.log')
+        if args.fit:
+            fit = top1_on_shards(out_dir, DATA / 'train')
+            result.update(fit_top1_raw=round(fit['raw'], 2), fit_top1_ema=round(fit['ema'], 2))
         results.append(result)
         print(json.dumps(result), flush=True)
     record = DATA / f'convergence-{args.tag}.json'
     record.write_text(json.dumps({'overrides': overrides, 'cpus': os.cpu_count(), 'results': results}, indent=1))
-    print('\n| model | params | steps | wall (s) | CPU (s) | top-1 raw | top-1 EMA | load before/after |')
-    print('|---|---|---|---|---|---|---|---|')
+    fit = ' train top-1 raw / EMA |' if args.fit else ''
+    print(f'\n| model | params | steps | wall (s) | CPU (s) | top-1 raw | top-1 EMA | load before/after |{fit}')
+    print('|---|---|---|---|---|---|---|---|' + ('---|' if fit else ''))
     for r in results:
         print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
               f"{r['top1_raw']:.2f} | "
               f"{r['top1_ema'] if r['top1_ema'] is None else round(r['top1_ema'], 2)} | "
-              f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
+              f"{r['load_before']:.1f} / {r['load_after']:.1f} |"
+              + (f" {r['fit_top1_raw']:.2f} / {r['fit_top1_ema']:.2f} |" if fit else ''))
     print(f'record: {record}')
     return 0
 

@@ -185,18 +185,26 @@ def _classify_with_timm(timm_folder: Path, shards: Path) -> float:
     import timm
 
     import pretrain.models  # noqa: F401  (registers the InternImage names with timm)
+
+    model = timm.create_model(f"local-dir:{timm_folder}", pretrained=True)
+    return classify_shards(model, shards, model.pretrained_cfg.get("input_size", (3, 32, 32))[-1])
+
+
+def classify_shards(model: torch.nn.Module, shards: Path, size: int, crop_pct: float = 1.0,
+                    interpolation: str = "bicubic") -> float:
+    """Top-1 (%) of ``model`` (fp32, this process) on every sample of the shards in ``shards`` (its manifest names
+    them), with the eval transform at ``size`` px: resize to ``size / crop_pct``, centre crop, no augmentation."""
     from data_pipelines.loader import SourceSpec, build_loader
     from data_pipelines.transforms import build_eval_transform
     from pretrain.objectives.steps import classification_eval
 
-    model = timm.create_model(f"local-dir:{timm_folder}", pretrained=True).eval()
-    size = model.pretrained_cfg.get("input_size", (3, 32, 32))[-1]
     names = [s["name"] for s in json.loads((shards / "manifest.json").read_text())["shards"]]
-    loader = build_loader(SourceSpec("test", "::".join(str(shards / n) for n in names)), batch_size=250,
-                          num_workers=0, transform=build_eval_transform(size, crop_pct=1.0))
+    loader = build_loader(SourceSpec(shards.name, "::".join(str(shards / n) for n in names)), batch_size=250,
+                          num_workers=0, transform=build_eval_transform(size, crop_pct=crop_pct,
+                                                                           interpolation=interpolation))
     with torch.no_grad():
-        result = classification_eval(model, loader, device=torch.device("cpu"), dtype=torch.float32, img_size=size,
-                                     num_classes=model.num_classes)
+        result = classification_eval(model.eval(), loader, device=torch.device("cpu"), dtype=torch.float32,
+                                     img_size=size, num_classes=model.num_classes)
     return result["top1"]
 
 
