@@ -187,11 +187,11 @@ def _classify_with_timm(timm_folder: Path, shards: Path) -> float:
     import pretrain.models  # noqa: F401  (registers the InternImage names with timm)
 
     model = timm.create_model(f"local-dir:{timm_folder}", pretrained=True)
-    return classify_shards(model, shards, model.pretrained_cfg.get("input_size", (3, 32, 32))[-1])
+    cfg = model.pretrained_cfg  # the export's data config: the fine-tune's eval size, crop and interpolation
+    return classify_shards(model, shards, cfg["input_size"][-1], cfg["crop_pct"], cfg["interpolation"])
 
 
-def classify_shards(model: torch.nn.Module, shards: Path, size: int, crop_pct: float = 1.0,
-                    interpolation: str = "bicubic") -> float:
+def classify_shards(model: torch.nn.Module, shards: Path, size: int, crop_pct: float, interpolation: str) -> float:
     """Top-1 (%) of ``model`` (fp32, this process) on every sample of the shards in ``shards`` (its manifest names
     them), with the eval transform at ``size`` px: resize to ``size / crop_pct``, centre crop, no augmentation."""
     from data_pipelines.loader import SourceSpec, build_loader
