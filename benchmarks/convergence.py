@@ -95,15 +95,13 @@ def fit(names: list[str], run_root: Path) -> list[dict]:
     """Per model under ``run_root``: top-1 of its last checkpoint on the 60k training and the 10k test images, both
     through :func:`top1_on_shards` (so the two columns differ only in the images; the engine's own test figures
     are bf16 here). A run that cannot be read is reported and skipped."""
-    from pretrain.export import ExportError
-
     rows = []
     for name in names:
         try:
             rows.append({'model': name, **top1_on_shards(run_root / name, {'train': DATA / 'train',
                                                                             'test': DATA / 'test'})})
-        except (ExportError, OSError) as e:
-            print(f'{name}: --fit could not read {run_root / name}: {e}', flush=True)
+        except Exception as e:  # noqa: BLE001 - report the run and go on with the next
+            print(f'{name}: --fit failed on {run_root / name}: {type(e).__name__}: {e}', flush=True)
     print('\n| model | weights | train top-1 (60k, no aug.) | test top-1 (10k) | gap |')
     print('|---|---|---|---|---|')
     for r in rows:
@@ -137,13 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--epochs', type=float, default=None, help='override schedule.epochs of both configs')
     parser.add_argument('--only', choices=sorted(CONFIGS), action='append', help='run only this model (repeatable)')
-    parser.add_argument('--tag', default=time.strftime('%Y%m%d-%H%M%S', time.gmtime()), help='output folder suffix')
+    parser.add_argument('--tag', help='output folder suffix (default: the time)')
     parser.add_argument('--fit', action='store_true',
                         help='after training, evaluate each final checkpoint on the training and the test images')
     parser.add_argument('--fit-only', action='store_true',
                         help='no training: --fit on the runs already under runs/fashion_mnist/convergence-TAG')
     parser.add_argument('overrides', nargs='*', help='key.sub=value, applied to both configs')
     args = parser.parse_args(argv)
+    if args.tag is None:
+        if args.fit_only:
+            parser.error('--fit-only evaluates runs already trained: name them with --tag')
+        args.tag = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
     from pretrain.demo import fashion_mnist_jobs, write_verified_shards
 
     os.chdir(REPO)
@@ -153,10 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f'schedule.epochs={args.epochs}')
     names = args.only or list(CONFIGS)
     run_root = DATA / f'convergence-{args.tag}'
-    if args.fit_only:
+    if not args.fit_only:
+        train_all(names, overrides, run_root, DATA / f'convergence-{args.tag}.json')
+    if args.fit or args.fit_only:  # after every training, so that no evaluation runs beside a timed one
         rows = fit(names, run_root)
         (DATA / f'convergence-{args.tag}-fit.json').write_text(json.dumps(rows, indent=1))
-        return 0 if rows else 1
+        return 0 if len(rows) == len(names) else 1
+    return 0
+
+
+def train_all(names: list[str], overrides: list[str], run_root: Path, record: Path) -> None:
+    """Train each model under ``run_root``, one after the other; write the JSON ``record`` and print the table."""
     results = []
     for name in names:
         out_dir = run_root / name
@@ -164,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         result = train(name, CONFIGS[name], overrides, out_dir, out_dir.parent / f'{name}.log')
         results.append(result)
         print(json.dumps(result), flush=True)
-    record = DATA / f'convergence-{args.tag}.json'
     record.write_text(json.dumps({'overrides': overrides, 'cpus': os.cpu_count(), 'results': results}, indent=1))
     print('\n| model | params | steps | wall (s) | CPU (s) | top-1 raw | top-1 EMA | load before/after |')
     print('|---|---|---|---|---|---|---|---|')
@@ -174,9 +182,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['top1_ema'] if r['top1_ema'] is None else round(r['top1_ema'], 2)} | "
               f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
     print(f'record: {record}')
-    if args.fit:  # after every training, so that no evaluation runs beside a timed one
-        (DATA / f'convergence-{args.tag}-fit.json').write_text(json.dumps(fit(names, run_root), indent=1))
-    return 0
 
 
 if __name__ == '__main__':
