@@ -78,16 +78,15 @@ def top1_on_shards(out_dir: Path, shards: dict[str, Path]) -> dict:
     from pretrain.models import create_backbone
 
     top1 = {name: {'raw': None, 'ema': None} for name in shards}
-    for weights in ('raw', 'ema'):
-        state, meta = consolidate(out_dir, weights)
-        model = create_backbone(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
+    raw, meta = consolidate(out_dir, 'raw')
+    states = {'raw': raw, **({'ema': consolidate(out_dir, 'ema')[0]} if meta.config['ema']['enabled'] else {})}
+    model = create_backbone(meta.model, num_classes=meta.num_classes, **meta.model_kwargs)
+    data = meta.config['data']
+    for weights, state in states.items():
         model.load_state_dict(state)
-        data = meta.config['data']
         for name, folder in shards.items():
             top1[name][weights] = classify_shards(model, folder, data['img_size'], data['eval_crop_pct'],
                                                   data['interpolation'])
-        if not meta.config['ema']['enabled']:
-            break
     return top1
 
 

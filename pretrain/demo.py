@@ -195,10 +195,11 @@ def classify_shards(model: torch.nn.Module, shards: Path, size: int, crop_pct: f
     """Top-1 (%) of ``model`` (fp32, this process) on every sample of the shards in ``shards`` (its manifest names
     them), with the eval transform at ``size`` px: resize to ``size / crop_pct``, centre crop, no augmentation."""
     from data_pipelines.loader import SourceSpec, build_loader
+    from data_pipelines.manifest import read_manifest
     from data_pipelines.transforms import build_eval_transform
     from pretrain.objectives.steps import classification_eval
 
-    names = [s["name"] for s in json.loads((shards / "manifest.json").read_text())["shards"]]
+    names = [s["name"] for s in read_manifest(str(shards))["shards"]]
     loader = build_loader(SourceSpec(shards.name, "::".join(str(shards / n) for n in names)), batch_size=250,
                           num_workers=0, transform=build_eval_transform(size, crop_pct=crop_pct,
                                                                            interpolation=interpolation))
