@@ -59,11 +59,12 @@ def test_demo_cascade_chains_stages_and_exports_loadable_weights(real_data):
     import safetensors
     import timm
 
+    from pretrain.config import load_config
     from pretrain.models import create_backbone
     from pretrain.models.weights import load_checkpoint
 
     export = run / 'export'
-    kwargs = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
+    kwargs = load_config(run / 'stages' / 'finetune' / 'train_config.yaml').model.kwargs  # the model the demo trained
     x = torch.randn(2, 3, 32, 32)
     official = create_backbone('internimage_t', num_classes=10, **kwargs).eval()
     assert load_checkpoint(official, next(export.glob('*_ema.pth')), strict=True).ok

@@ -186,6 +186,8 @@ while len(os.listdir(folder)) < 2:  # both start together, as ranks do after a c
     time.sleep(0.001)
 for i in range(n):
     write(f'error: rank {tag} line {i:03d} ' + tag * 1500)
+    if i % 100 == 99:  # give up the core now and then: on a busy machine one writer can otherwise finish first
+        time.sleep(0.001)
 """
 
 
@@ -204,7 +206,9 @@ def test_error_lines_of_two_ranks_on_one_pipe_stay_whole(tmp_path):
     every line arrives whole. ``print(..., flush=True)`` writes the text and the newline as two system calls; CI saw
     two ranks' checkpoint-save errors glued into one line, and this writer with ``print`` spoils 800-2,200 of the
     4,000 lines on this idle machine (about 50 while CI's tests ran beside it). The writers must have overlapped
-    (the two ranks' lines alternate), or the test proves nothing."""
+    (the two ranks' lines alternate), or the test proves nothing: each sleeps 1 ms every 100 lines, since on a busy
+    CI machine one writer once finished nearly all its lines before the other ran (3 alternations); with three busy
+    loops beside them here, that gives 56-61 alternations, and ``print`` still spoils 38-124 lines."""
     lines, want = _two_writers('print_line', tmp_path)
     assert len(lines) == 4000 and set(lines) == want, [ln[:40] for ln in lines if ln not in want][:5]
     switches = sum(a[12] != b[12] for a, b in zip(lines, lines[1:]))  # 'error: rank X': X at index 12
