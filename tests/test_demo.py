@@ -64,9 +64,9 @@ def test_demo_cascade_chains_stages_and_exports_loadable_weights(real_data):
     from pretrain.models.weights import load_checkpoint
 
     export = run / 'export'
-    kwargs = load_config(run / 'stages' / 'finetune' / 'train_config.yaml').model.kwargs  # the model the demo trained
+    trained = load_config(run / 'stages' / 'finetune' / 'train_config.yaml').model  # the model the demo trained
     x = torch.randn(2, 3, 32, 32)
-    official = create_backbone('internimage_t', num_classes=10, **kwargs).eval()
+    official = create_backbone(trained.name, num_classes=trained.num_classes, **trained.kwargs).eval()
     assert load_checkpoint(official, next(export.glob('*_ema.pth')), strict=True).ok
     timm_model = timm.create_model(f'local-dir:{next(export.glob("*_timm"))}', pretrained=True).eval()
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_demo_cascade_chains_stages_and_exports_loadable_weights(real_data):
     st = next(export.glob('*.safetensors'))
     with safetensors.safe_open(str(st), 'pt') as f:
         assert f.metadata()['weights'] == 'ema' and f.metadata()['stage'] == 'finetune'
-    backbone = create_backbone('internimage_t', features_only=True, **kwargs,
+    backbone = create_backbone(trained.name, features_only=True, **trained.kwargs,
                                checkpoint_path=next(export.glob('*_backbone.pth'))).eval()
     assert backbone.load_report.ok, backbone.load_report
     with torch.no_grad():
