@@ -88,6 +88,7 @@ class DataConfig:
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     # train transform (timm semantics)
     scale_min: float = 0.08
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (timm's --ratio)
     hflip: float = 0.5
     color_jitter: float | None = 0.4
     auto_augment: str | None = 'rand-m9-mstd0.5-inc1'
@@ -604,6 +605,8 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
         fail('data.remote', f'retries and backoff_s must be >= 0, got {data.remote.retries}, {data.remote.backoff_s}')
     if not 0 < data.scale_min <= 1:
         fail('data.scale_min', f'must be in (0, 1], got {data.scale_min}')
+    if not 0 < data.ratio[0] <= data.ratio[1]:
+        fail('data.ratio', f'must be (low, high) with 0 < low <= high, got {list(data.ratio)}')
 
     _validate_objective(cfg, fail)
 

@@ -82,12 +82,39 @@ def test_wrong_type_names_file_and_key(tmp_path, text, key):
     ('checkpoint.keep_last=0', 'checkpoint.keep_last'),
     ('deepspeed.extra={bf16: {enabled: true}}', 'deepspeed.extra.bf16'),
     ('data.img_size=100', 'data.img_size'),
+    ('data.ratio=[1.5,1.0]', 'data.ratio'),
+    ('data.ratio=[0,1]', 'data.ratio'),
     ('run.watchdog_min=10', 'run.watchdog_min'),  # not below collective_timeout_min (10): no stuck-rank dump
 ])
 def test_impossible_combinations_fail(tmp_path, override, key):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, MINIMAL), [override])
     assert key in str(e.value)
+
+
+def test_crop_ratio_reaches_the_training_transform(tmp_path):
+    import random
+
+    import numpy as np
+
+    from data_pipelines.transforms import rrc_params
+    from pretrain.engine.data import train_transform
+    default = train_transform(load_config(write(tmp_path, MINIMAL)))
+    square = train_transform(load_config(write(tmp_path, MINIMAL), ['data.ratio=[1,1]', 'data.scale_min=0.5']))
+    assert default.ratio == pytest.approx((3 / 4, 4 / 3)) and square.ratio == (1.0, 1.0)
+    random.seed(0)
+    boxes = [rrc_params(28, 28, square.scale, square.ratio) for _ in range(200)]
+    assert all(h == w for _, _, h, w in boxes) and len({h for _, _, h, _ in boxes}) > 1
+    assert square.from_encoded(_png(np.zeros((28, 28), np.uint8))).shape == (3, 224, 224)
+
+
+def _png(pixels) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format='PNG')
+    return buf.getvalue()
 
 
 def test_the_watchdog_fires_before_the_collective_timeout_or_is_off(tmp_path):

@@ -19,11 +19,19 @@ from pretrain.common import dist as edist
 from pretrain.config import RemoteConfig, SourceConfig, TrainConfig
 from pretrain.engine import watchdog
 
-__all__ = ['build_train_loader', 'build_val_loader', 'steps_per_epoch', 'BatchStream']
+__all__ = ['build_train_loader', 'train_transform', 'build_val_loader', 'steps_per_epoch', 'BatchStream']
 
 
 def _specs(sources: list[SourceConfig], remote: RemoteConfig) -> list[SourceSpec]:
     return [SourceSpec(s.name, s.urls, weight=s.weight, manifest=s.manifest, remote=remote.options()) for s in sources]
+
+
+def train_transform(cfg: TrainConfig):
+    """The training transform of ``cfg.data``: RandomResizedCrop (scale, ratio), flips, augmentation, normalise."""
+    d = cfg.data
+    return build_train_transform(d.img_size, scale=(d.scale_min, 1.0), ratio=d.ratio, hflip=d.hflip,
+                                 color_jitter=d.color_jitter, auto_augment=d.auto_augment, re_prob=d.re_prob,
+                                 interpolation=d.interpolation)
 
 
 def build_train_loader(cfg: TrainConfig, rank: int, world_size: int, epoch: int = 0, tokenize: bool = False):
@@ -35,11 +43,8 @@ def build_train_loader(cfg: TrainConfig, rank: int, world_size: int, epoch: int 
         from data_pipelines.text import build_tokenizer
         c = cfg.objective.contrastive
         tokenizer = build_tokenizer(c.tokenizer, context_length=c.context_length)
-    transform = build_train_transform(d.img_size, scale=(d.scale_min, 1.0), hflip=d.hflip,
-                                      color_jitter=d.color_jitter, auto_augment=d.auto_augment, re_prob=d.re_prob,
-                                      interpolation=d.interpolation)
     return build_loader(_specs(d.train, d.remote), batch_size=cfg.deepspeed.micro_batch_size, num_workers=d.num_workers,
-                        mode=d.mode, seed=d.seed, rank=rank, world_size=world_size, transform=transform,
+                        mode=d.mode, seed=d.seed, rank=rank, world_size=world_size, transform=train_transform(cfg),
                         epoch=epoch, drop_last=True, interleave_shards=d.interleave_shards,
                         samples_per_epoch=d.samples_per_epoch, tokenizer=tokenizer, caption_required=False)
 
