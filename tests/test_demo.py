@@ -31,10 +31,11 @@ def test_demo_cascade_chains_stages_and_exports_loadable_weights(real_data):
                                                               re.M)}
     assert top1.keys() == {'pretrain', 'finetune_22k', 'finetune', 'timm export'}, out[-3000:]
     assert top1['pretrain'] >= 60.0, out[-3000:]  # the goal; zero-shot on the 10,000 test images (chance 10%)
-    # The goal is 90%; the shipped cascade (channels 32, a 400-step fine-tune: a margin for the 5 minutes) reached
-    # 86.8% (2026-12-07: the demo and a stand-alone run of its fine-tune from the same pretrained weights gave the same
-    # figure; docs/PERFORMANCE.md), so this asserts the measured level less a 2.3-point margin.
-    assert top1['finetune'] >= 84.5, out[-3000:]  # supervised from the pretrained backbone, EMA weights
+    # The goal is 90%; the shipped cascade (channels 32, a 400-step fine-tune: a margin for the 5 minutes, square
+    # crops) reached 87.3% (2026-12-07 15:30 UTC; a stand-alone run of its fine-tune from the same pretrained weights
+    # gave the same figure; 86.8% before square crops; docs/PERFORMANCE.md), so this asserts the measured level less
+    # a 2.3-point margin.
+    assert top1['finetune'] >= 85.0, out[-3000:]  # supervised from the pretrained backbone, EMA weights
     assert abs(top1['timm export'] - top1['finetune']) <= 0.1  # the same weights and eval transform, through timm
     assert 'published table: 2 conv + pooling' in out and '; goal >= 90%' in out
     png = Path(re.search(r'^\[demo\] plot: (\S+)$', out, re.M).group(1))
