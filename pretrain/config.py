@@ -605,8 +605,8 @@ def validate(cfg: TrainConfig, where: str = '<config>') -> None:
         fail('data.remote', f'retries and backoff_s must be >= 0, got {data.remote.retries}, {data.remote.backoff_s}')
     if not 0 < data.scale_min <= 1:
         fail('data.scale_min', f'must be in (0, 1], got {data.scale_min}')
-    if not 0 < data.ratio[0] <= data.ratio[1]:
-        fail('data.ratio', f'must be (low, high) with 0 < low <= high, got {list(data.ratio)}')
+    if not 0 < data.ratio[0] <= data.ratio[1] < float('inf'):
+        fail('data.ratio', f'must be (low, high) with 0 < low <= high, both finite, got {list(data.ratio)}')
 
     _validate_objective(cfg, fail)
 

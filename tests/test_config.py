@@ -84,6 +84,7 @@ def test_wrong_type_names_file_and_key(tmp_path, text, key):
     ('data.img_size=100', 'data.img_size'),
     ('data.ratio=[1.5,1.0]', 'data.ratio'),
     ('data.ratio=[0,1]', 'data.ratio'),
+    ('data.ratio=[1,.inf]', 'data.ratio'),
     ('run.watchdog_min=10', 'run.watchdog_min'),  # not below collective_timeout_min (10): no stuck-rank dump
 ])
 def test_impossible_combinations_fail(tmp_path, override, key):
@@ -92,20 +93,34 @@ def test_impossible_combinations_fail(tmp_path, override, key):
     assert key in str(e.value)
 
 
-def test_crop_ratio_reaches_the_training_transform(tmp_path):
-    import random
-
+def test_crop_ratio_reaches_the_training_transform(tmp_path, monkeypatch):
     import numpy as np
 
-    from data_pipelines.transforms import rrc_params
+    from data_pipelines import transforms
     from pretrain.engine.data import train_transform
-    default = train_transform(load_config(write(tmp_path, MINIMAL)))
-    square = train_transform(load_config(write(tmp_path, MINIMAL), ['data.ratio=[1,1]', 'data.scale_min=0.5']))
-    assert default.ratio == pytest.approx((3 / 4, 4 / 3)) and square.ratio == (1.0, 1.0)
-    random.seed(0)
-    boxes = [rrc_params(28, 28, square.scale, square.ratio) for _ in range(200)]
-    assert all(h == w for _, _, h, w in boxes) and len({h for _, _, h, _ in boxes}) > 1
-    assert square.from_encoded(_png(np.zeros((28, 28), np.uint8))).shape == (3, 224, 224)
+    boxes = []
+
+    def recording(height, width, scale, ratio):  # what the transform's byte path samples its crop boxes with
+        box = real(height, width, scale, ratio)
+        boxes.append((tuple(ratio), box))
+        return box
+
+    real = transforms.rrc_params
+    monkeypatch.setattr(transforms, 'rrc_params', recording)
+    png = _png(np.zeros((28, 28), np.uint8))
+    tensor_route = ['data.color_jitter=null', 'data.auto_augment=null', 'data.re_prob=0']  # no PIL-level step
+    default = train_transform(load_config(write(tmp_path, MINIMAL), tensor_route))
+    square = train_transform(load_config(write(tmp_path, MINIMAL),
+                                         [*tensor_route, 'data.ratio=[1,1]', 'data.scale_min=0.5']))
+    # With RandAugment / colour jitter the crop is timm's, on PIL images: it gets the same range.
+    assert train_transform(load_config(write(tmp_path, MINIMAL), ['data.ratio=[1,1]'])).crop.ratio == (1.0, 1.0)
+    assert default.from_encoded(png).shape == (3, 224, 224)
+    assert boxes[-1][0] == pytest.approx((3 / 4, 4 / 3))
+    boxes.clear()
+    for _ in range(50):
+        assert square.from_encoded(png).shape == (3, 224, 224)
+    assert {ratio for ratio, _ in boxes} == {(1.0, 1.0)}
+    assert all(h == w for _, (_, _, h, w) in boxes) and len({h for _, (_, _, h, _) in boxes}) > 1
 
 
 def _png(pixels) -> bytes:
