@@ -94,10 +94,11 @@ def test_impossible_combinations_fail(tmp_path, override, key):
 
 
 def test_crop_ratio_reaches_the_training_transform(tmp_path, monkeypatch):
-    import numpy as np
+    from PIL import Image
 
     from data_pipelines import transforms
     from pretrain.engine.data import train_transform
+    from tests.data_helpers import encode
     boxes = []
 
     def recording(height, width, scale, ratio):  # what the transform's byte path samples its crop boxes with
@@ -107,7 +108,7 @@ def test_crop_ratio_reaches_the_training_transform(tmp_path, monkeypatch):
 
     real = transforms.rrc_params
     monkeypatch.setattr(transforms, 'rrc_params', recording)
-    png = _png(np.zeros((28, 28), np.uint8))
+    png = encode(Image.new('L', (28, 28)), 'PNG')
     tensor_route = ['data.color_jitter=null', 'data.auto_augment=null', 'data.re_prob=0']  # no PIL-level step
     default = train_transform(load_config(write(tmp_path, MINIMAL), tensor_route))
     square = train_transform(load_config(write(tmp_path, MINIMAL),
@@ -121,15 +122,6 @@ def test_crop_ratio_reaches_the_training_transform(tmp_path, monkeypatch):
         assert square.from_encoded(png).shape == (3, 224, 224)
     assert {ratio for ratio, _ in boxes} == {(1.0, 1.0)}
     assert all(h == w for _, (_, _, h, w) in boxes) and len({h for _, (_, _, h, _) in boxes}) > 1
-
-
-def _png(pixels) -> bytes:
-    import io
-
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format='PNG')
-    return buf.getvalue()
 
 
 def test_the_watchdog_fires_before_the_collective_timeout_or_is_off(tmp_path):
