@@ -8,9 +8,9 @@ differ only in ``model``). Per model it reports the parameter count, the wall ti
 machine's load average before and after (the timings are only comparable on an otherwise idle machine).
 
     python benchmarks/convergence.py                               # the 15-minute budget (configs as shipped)
-    python benchmarks/convergence.py --tag long30 --epochs 30 --only internimage run.eval_interval_steps=2340 \
-        deepspeed.micro_batch_size=64 optim.lr_base=2e-3 schedule.warmup_steps=100
-                                                                   # the longer run of 2026-11-27 (its recipe)
+    python benchmarks/convergence.py --tag long40-64px --epochs 40 --only internimage data.img_size=64 \
+        data.scale_min=0.7 run.eval_interval_steps=1170 checkpoint.interval_steps=1170
+                                                                   # the longer run of 2026-12-07 (93.9%)
     python benchmarks/convergence.py --epochs 0.2 --only internimage   # a short probe
     python benchmarks/convergence.py --fit ...                     # then: top-1 on the training images
     python benchmarks/convergence.py --tag budget15 --fit-only     # the same for runs already trained
