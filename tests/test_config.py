@@ -100,21 +100,21 @@ def test_crop_ratio_reaches_the_training_transform(tmp_path, monkeypatch):
     from pretrain.engine.data import train_transform
     from tests.data_helpers import encode
     boxes = []
+    real = transforms.rrc_params
 
     def recording(height, width, scale, ratio):  # what the transform's byte path samples its crop boxes with
         box = real(height, width, scale, ratio)
         boxes.append((tuple(ratio), box))
         return box
 
-    real = transforms.rrc_params
     monkeypatch.setattr(transforms, 'rrc_params', recording)
     png = encode(Image.new('L', (28, 28)), 'PNG')
+    config = write(tmp_path, MINIMAL)
     tensor_route = ['data.color_jitter=null', 'data.auto_augment=null', 'data.re_prob=0']  # no PIL-level step
-    default = train_transform(load_config(write(tmp_path, MINIMAL), tensor_route))
-    square = train_transform(load_config(write(tmp_path, MINIMAL),
-                                         [*tensor_route, 'data.ratio=[1,1]', 'data.scale_min=0.5']))
+    default = train_transform(load_config(config, tensor_route))
+    square = train_transform(load_config(config, [*tensor_route, 'data.ratio=[1,1]', 'data.scale_min=0.5']))
     # With RandAugment / colour jitter the crop is timm's, on PIL images: it gets the same range.
-    assert train_transform(load_config(write(tmp_path, MINIMAL), ['data.ratio=[1,1]'])).crop.ratio == (1.0, 1.0)
+    assert train_transform(load_config(config, ['data.ratio=[1,1]'])).crop.ratio == (1.0, 1.0)
     assert default.from_encoded(png).shape == (3, 224, 224)
     assert boxes[-1][0] == pytest.approx((3 / 4, 4 / 3))
     boxes.clear()
