@@ -46,6 +46,17 @@ def build(config: str):
     return build_model(cfg), cfg.deepspeed.micro_batch_size, cfg.data.img_size
 
 
+def timed_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, mode) -> float:
+    """Wall-clock ms of one forward (``x`` cast to ``dtype``, under the context ``mode()``) + cross-entropy +
+    backward of ``model`` (gradients cleared first)."""
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    with mode():
+        loss = F.cross_entropy(model(x.to(dtype)).float(), y)
+    loss.backward()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_model(config: str, steps: int, warmup: int) -> dict:
     model32, batch, size = build(config)
     model16 = build(config)[0].bfloat16()
@@ -57,13 +68,9 @@ def time_model(config: str, steps: int, warmup: int) -> dict:
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(warmup + steps):
         for name, (model, dtype, mode) in runs.items():
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            with mode():
-                loss = F.cross_entropy(model(x.to(dtype)).float(), y)
-            loss.backward()
+            ms = timed_step(model, x, y, dtype, mode)
             if i >= warmup:
-                times[name].append((time.perf_counter() - t0) / batch * 1e3)
+                times[name].append(ms / batch)
     native = statistics.median(times['bf16 native'])
     return {'config': config, 'micro_batch': batch, 'img_size': size,
             'params': sum(p.numel() for p in model32.parameters()),

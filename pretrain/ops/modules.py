@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.ops import tapconv
 from pretrain.ops.function import dcnv3_core
 
 # The official core_op names, mapped to our backends.
@@ -80,10 +81,15 @@ class Conv2d(nn.Conv2d):
     starts at an address cuDNN's vectorised kernels cannot read ("misaligned address" / "unable to find an engine";
     the same packing broke TransformerEngine's LayerNorm, NVIDIA/TransformerEngine#490). A misaligned weight or bias
     is copied for the call; aligned ones (every other case) pass through untouched. Not yet confirmed on a GPU.
+    On the CPU, a training forward on a map smaller than the kernel (or onto at most 2 x 2 pixels) takes the
+    tap-by-tap weight gradient of :mod:`pretrain.ops.tapconv` (oneDNN falls back to a slow GEMM path there).
     The trainer turns every ``nn.Conv2d`` of the model it trains into one (:func:`align_convolutions`)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return super()._conv_forward(input, aligned(weight), aligned(bias))
+        weight, bias = aligned(weight), aligned(bias)
+        if self.padding_mode == 'zeros':
+            return tapconv.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
 
 
 def align_convolutions(model: nn.Module) -> int:

@@ -1,0 +1,150 @@
+"""2-D convolution whose weight gradient is summed tap by tap, for the small maps where oneDNN's is slow.
+
+On the CPU, oneDNN computes a convolution's weight gradient with its JIT kernels only while the map is at least
+as large as the kernel; on smaller maps (the last stages of a 32 or 64 px model: 2 x 2 and 1 x 1 under InternImage's
+3 x 3 depth-wise kernel, 4 x 4 and below under ConvNeXt's 7 x 7) it falls back to a GEMM-based implementation
+(``x64:gemm:jit`` in ``ONEDNN_VERBOSE``) that takes 7-33 ms per call on one core for what a few small products do
+in 0.3-3 ms (``benchmarks/small_conv.py``, docs/PERFORMANCE.md). Forward and input gradient stay oneDNN's (fast on
+every size).
+
+:func:`conv2d` runs ``F.conv2d(x, weight, bias, stride, padding, groups=groups)`` through :class:`_TapConv2d` when
+:func:`use_taps` says so, else plain. The weight gradient sums, per kernel tap ``(i, j)``, the output gradient times
+the input window that tap reads (one ``(O x M) @ (M x C)`` product for a dense convolution, one multiply-and-sum
+for a depth-wise one, ``M = N * Ho * Wo``); taps that only ever read padding get an exact zero without work. Same
+values as ``F.conv2d``'s autograd up to summation order. Reduced-precision CPU tensors are convolved in float32 and
+the output cast back (the CPU's bf16 kernels are several times slower than fp32 on CPUs without bf16 instructions,
+pretrain/engine/cpu_bf16.py).
+
+``PRETRAIN_TAP_WEIGHT_GRAD=0`` in the environment (read at import) or ``ENABLED = False`` turns the path off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['ENABLED', 'MAX_TAP_OUTPUT_PIXELS', 'conv2d', 'use_taps', 'weight_grad_by_taps']
+
+ENABLED = os.environ.get('PRETRAIN_TAP_WEIGHT_GRAD', '1') != '0'
+# The rule, measured with benchmarks/small_conv.py (docs/PERFORMANCE.md): taps when the input map is smaller than the
+# kernel in either dimension, or the output has at most this many pixels (strided downsampling onto 2 x 2 or 1 x 1).
+MAX_TAP_OUTPUT_PIXELS = 4
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def use_taps(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether :func:`conv2d` takes the tap-by-tap weight gradient: on the CPU, with a weight gradient to compute
+    (grad mode on, the weight requiring it), not under torch.compile, for a dense or a depth-wise (one filter per
+    channel) convolution with integer padding and no dilation, on a map smaller than the kernel or onto an output of
+    at most ``MAX_TAP_OUTPUT_PIXELS`` pixels."""
+    if not (ENABLED and x.device.type == 'cpu' and x.ndim == 4 and torch.is_grad_enabled() and weight.requires_grad):
+        return False
+    if torch.compiler.is_compiling() or isinstance(padding, str) or _pair(dilation) != (1, 1):
+        return False
+    channels = x.shape[1]
+    if not (groups == 1 or (groups == channels and weight.shape[0] == channels and weight.shape[1] == 1)):
+        return False
+    (kh, kw), (sh, sw), (ph, pw) = weight.shape[-2:], _pair(stride), _pair(padding)
+    height, width = x.shape[-2:]
+    out_pixels = _output_size(height, kh, sh, ph) * _output_size(width, kw, sw, pw)
+    return height < kh or width < kw or out_pixels <= MAX_TAP_OUTPUT_PIXELS
+
+
+def weight_grad_by_taps(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: torch.Size, stride, padding,
+                        groups: int) -> torch.Tensor:
+    """The gradient of ``F.conv2d(x, w, stride=stride, padding=padding, groups=groups)`` with respect to ``w``
+    (shape ``weight_shape``), given the output gradient ``grad_out``; ``groups`` is 1 or the channel count."""
+    o, _, kh, kw = weight_shape
+    n, c, height, width = x.shape
+    ho, wo = grad_out.shape[-2:]
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # NHWC, zero-padded (a copy: also a layout change)
+    g = grad_out.permute(0, 2, 3, 1)  # (N, Ho, Wo, O)
+    depthwise = groups > 1
+    g2 = None if depthwise else g.reshape(-1, o)
+    out = x.new_zeros(weight_shape)
+    for i in range(kh):
+        if not _reachable(i, sh, ph, height, ho):
+            continue
+        for j in range(kw):
+            if not _reachable(j, sw, pw, width, wo):
+                continue
+            window = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]  # (N, Ho, Wo, C)
+            if depthwise:
+                out[:, 0, i, j] = (g * window).sum((0, 1, 2))
+            else:
+                out[:, :, i, j] = g2.t() @ window.reshape(-1, c)
+    return out
+
+
+def _reachable(tap: int, stride: int, pad: int, size: int, out_size: int) -> bool:
+    """Whether some output position reads a real pixel (not padding) through kernel tap ``tap`` of one axis."""
+    return any(0 <= tap + stride * r - pad < size for r in range(out_size))
+
+
+def _crop(weight: torch.Tensor, x_shape, out_shape, stride, padding) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``weight`` cut to the taps that reach a real pixel, with the padding that keeps every output position, when
+    that cut is symmetric (stride 1, 'same' padding: a 7 x 7 kernel on a 1 x 1 map is its centre tap); else
+    ``weight`` and ``padding``. The convolution is the same (the cut taps only ever multiply zeros)."""
+    cut = []
+    for axis in (0, 1):
+        k = weight.shape[2 + axis]
+        taps = [i for i in range(k) if _reachable(i, stride[axis], padding[axis], x_shape[2 + axis],
+                                                  out_shape[2 + axis])]
+        first = taps[0] if taps else 0
+        if not taps or taps[-1] != k - 1 - first or first > padding[axis]:
+            return weight, padding
+        cut.append(first)
+    (a, b), (kh, kw) = cut, weight.shape[-2:]
+    return weight[..., a:kh - a, b:kw - b], (padding[0] - a, padding[1] - b)
+
+
+class _TapConv2d(torch.autograd.Function):
+    """``F.conv2d`` forward and input gradient (with the kernel cut to the taps that reach a pixel, where that cut
+    is symmetric: oneDNN's forward with a bias on a map smaller than the kernel took 29 ms, the cut one 0.2 ms);
+    the weight gradient from :func:`weight_grad_by_taps`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, groups):
+        n, _, height, width = x.shape
+        out_shape = (n, weight.shape[0], _output_size(height, weight.shape[2], stride[0], padding[0]),
+                     _output_size(width, weight.shape[3], stride[1], padding[1]))
+        cut, cut_padding = _crop(weight, x.shape, out_shape, stride, padding)
+        ctx.save_for_backward(x, cut)
+        ctx.conf = (stride, padding, cut_padding, groups, bias is not None, weight.shape)
+        return F.conv2d(x, cut, bias, stride, cut_padding, 1, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, cut = ctx.saved_tensors
+        stride, padding, cut_padding, groups, has_bias, weight_shape = ctx.conf
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, cut, grad_out, stride, cut_padding, 1, groups)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad_by_taps(x, grad_out, weight_shape, stride, padding, groups)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``, with the tap-by-tap weight gradient where
+    :func:`use_taps` holds (reduced-precision CPU tensors then computed in float32, output in ``x.dtype``)."""
+    if not use_taps(x, weight, stride, padding, dilation, groups):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    dtype = x.dtype
+    if dtype in _REDUCED:
+        x, weight = x.float(), weight.float()
+        bias = bias.float() if bias is not None else None
+    return _TapConv2d.apply(x, weight, bias, _pair(stride), _pair(padding), groups).to(dtype)
