@@ -64,6 +64,8 @@ def time_layers(name: str, steps: int, warmup: int) -> list[dict]:
     model, batch, size = build(MODELS[name])
     rows = []
     for layer, conv, shape in conv_inputs(model, batch, size):
+        if isinstance(conv.padding, str) or conv.dilation != (1, 1):
+            continue  # not a case for the taps (pretrain.ops.tapconv.use_taps), none in these models
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
         w = conv.weight.detach().clone().requires_grad_()
         b = None if conv.bias is None else conv.bias.detach().clone().requires_grad_()
@@ -78,6 +80,8 @@ def time_layers(name: str, steps: int, warmup: int) -> list[dict]:
                 if key == 'taps' and not dense_or_dw:
                     continue
                 x.grad = w.grad = None
+                if b is not None:
+                    b.grad = None
                 t0 = time.perf_counter()
                 fn().backward(grad)
                 if i >= warmup:

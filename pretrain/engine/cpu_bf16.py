@@ -55,7 +55,10 @@ def _up(t):
 
 class Fp32Products(TorchFunctionMode):
     """Within the mode, a product whose floating-point operands are all bf16 CPU tensors (and no ``out=``) runs in
-    fp32 and returns bf16; anything else runs as it is."""
+    fp32 and returns bf16; anything else runs as it is. ``fp32_products`` tells code that runs its own backward
+    (``pretrain.ops.tapconv``, whose backward runs outside the mode) to compute in fp32 too."""
+
+    fp32_products = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

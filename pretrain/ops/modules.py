@@ -81,8 +81,9 @@ class Conv2d(nn.Conv2d):
     starts at an address cuDNN's vectorised kernels cannot read ("misaligned address" / "unable to find an engine";
     the same packing broke TransformerEngine's LayerNorm, NVIDIA/TransformerEngine#490). A misaligned weight or bias
     is copied for the call; aligned ones (every other case) pass through untouched. Not yet confirmed on a GPU.
-    On the CPU, a training forward on a map smaller than the kernel (or onto at most 2 x 2 pixels) takes the
-    tap-by-tap weight gradient of :mod:`pretrain.ops.tapconv` (oneDNN falls back to a slow GEMM path there).
+    On the CPU, a forward with a weight gradient to compute, on a map smaller than the kernel (or onto at most 4
+    output pixels), takes the tap-by-tap weight gradient of :mod:`pretrain.ops.tapconv` (oneDNN falls back to a
+    slow GEMM path there; :func:`pretrain.ops.tapconv.use_taps` has the whole rule).
     The trainer turns every ``nn.Conv2d`` of the model it trains into one (:func:`align_convolutions`)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

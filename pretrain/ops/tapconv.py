@@ -3,17 +3,18 @@
 On the CPU, oneDNN computes a convolution's weight gradient with its JIT kernels only while the map is at least
 as large as the kernel; on smaller maps (the last stages of a 32 or 64 px model: 2 x 2 and 1 x 1 under InternImage's
 3 x 3 depth-wise kernel, 4 x 4 and below under ConvNeXt's 7 x 7) it falls back to a GEMM-based implementation
-(``x64:gemm:jit`` in ``ONEDNN_VERBOSE``) that takes 7-33 ms per call on one core for what a few small products do
-in 0.3-3 ms (``benchmarks/small_conv.py``, docs/PERFORMANCE.md). Forward and input gradient stay oneDNN's (fast on
-every size).
+(``x64:gemm:jit`` in ``ONEDNN_VERBOSE``): a depth-wise layer's forward + backward there took 2-33x the time it takes
+with the weight gradient summed tap by tap, a dense strided one up to 2.3x (``benchmarks/small_conv.py``,
+docs/PERFORMANCE.md). Forward and input gradient stay oneDNN's (fast on every size).
 
 :func:`conv2d` runs ``F.conv2d(x, weight, bias, stride, padding, groups=groups)`` through :class:`_TapConv2d` when
 :func:`use_taps` says so, else plain. The weight gradient sums, per kernel tap ``(i, j)``, the output gradient times
 the input window that tap reads (one ``(O x M) @ (M x C)`` product for a dense convolution, one multiply-and-sum
 for a depth-wise one, ``M = N * Ho * Wo``); taps that only ever read padding get an exact zero without work. Same
-values as ``F.conv2d``'s autograd up to summation order. Reduced-precision CPU tensors are convolved in float32 and
-the output cast back (the CPU's bf16 kernels are several times slower than fp32 on CPUs without bf16 instructions,
-pretrain/engine/cpu_bf16.py).
+values as ``F.conv2d``'s autograd up to summation order. Reduced-precision tensors run in their own dtype, or, under
+a ``TorchFunctionMode`` that declares ``fp32_products = True`` (the engine's ``Fp32Products``,
+``deepspeed.cpu_bf16_products``), in float32 with the output cast back, the backward included (which runs outside
+the mode).
 
 ``PRETRAIN_TAP_WEIGHT_GRAD=0`` in the environment (read at import) or ``ENABLED = False`` turns the path off.
 """
@@ -24,12 +25,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ENABLED', 'MAX_TAP_OUTPUT_PIXELS', 'conv2d', 'use_taps', 'weight_grad_by_taps']
+__all__ = ['ENABLED', 'MAX_TAPS', 'MAX_TAP_OUTPUT_PIXELS', 'conv2d', 'fp32_products_active', 'use_taps',
+           'weight_grad_by_taps']
 
 ENABLED = os.environ.get('PRETRAIN_TAP_WEIGHT_GRAD', '1') != '0'
 # The rule, measured with benchmarks/small_conv.py (docs/PERFORMANCE.md): taps when the input map is smaller than the
-# kernel in either dimension, or the output has at most this many pixels (strided downsampling onto 2 x 2 or 1 x 1).
+# kernel in either dimension, or the output has at most this many pixels (strided downsampling onto 2 x 2 or 1 x 1),
+# for kernels of at most MAX_TAPS taps (one Python-level product per tap; ConvNeXt's 7 x 7 is the largest measured).
 MAX_TAP_OUTPUT_PIXELS = 4
+MAX_TAPS = 49
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
@@ -41,14 +45,21 @@ def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def use_taps(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+def use_taps(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int,
+             bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`conv2d` takes the tap-by-tap weight gradient: on the CPU, with a weight gradient to compute
-    (grad mode on, the weight requiring it), not under torch.compile, for a dense or a depth-wise (one filter per
-    channel) convolution with integer padding and no dilation, on a map smaller than the kernel or onto an output of
-    at most ``MAX_TAP_OUTPUT_PIXELS`` pixels."""
-    if not (ENABLED and x.device.type == 'cpu' and x.ndim == 4 and torch.is_grad_enabled() and weight.requires_grad):
+    (grad mode on, the weight requiring it; whether the module is in training mode does not matter), not under
+    torch.compile or CPU autocast, with input, weight and bias of one dtype, for a dense or a depth-wise (one filter
+    per channel) convolution with integer padding, no dilation and at most ``MAX_TAPS`` taps, on a map smaller than
+    the kernel or onto an output of at most ``MAX_TAP_OUTPUT_PIXELS`` pixels."""
+    if not (ENABLED and x.device.type == 'cpu' and weight.device.type == 'cpu' and x.ndim == 4
+            and torch.is_grad_enabled() and weight.requires_grad):
         return False
-    if torch.compiler.is_compiling() or isinstance(padding, str) or _pair(dilation) != (1, 1):
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu'):
+        return False
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        return False
+    if isinstance(padding, str) or _pair(dilation) != (1, 1) or weight.shape[-2] * weight.shape[-1] > MAX_TAPS:
         return False
     channels = x.shape[1]
     if not (groups == 1 or (groups == channels and weight.shape[0] == channels and weight.shape[1] == 1)):
@@ -65,6 +76,9 @@ def weight_grad_by_taps(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: t
     (shape ``weight_shape``), given the output gradient ``grad_out``; ``groups`` is 1 or the channel count."""
     o, _, kh, kw = weight_shape
     n, c, height, width = x.shape
+    if not (groups == 1 or (groups == c == o and weight_shape[1] == 1)):
+        raise ValueError(f'weight_grad_by_taps: dense (groups=1) or depth-wise (groups = channels = {c}, one filter '
+                         f'each) only, got groups={groups} and weight {tuple(weight_shape)}')
     ho, wo = grad_out.shape[-2:]
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # NHWC, zero-padded (a copy: also a layout change)
@@ -140,11 +154,18 @@ class _TapConv2d(torch.autograd.Function):
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``, with the tap-by-tap weight gradient where
-    :func:`use_taps` holds (reduced-precision CPU tensors then computed in float32, output in ``x.dtype``)."""
-    if not use_taps(x, weight, stride, padding, dilation, groups):
+    :func:`use_taps` holds (reduced-precision tensors under an fp32-products mode then computed in float32, output in
+    ``x.dtype``)."""
+    if not use_taps(x, weight, stride, padding, dilation, groups, bias):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     dtype = x.dtype
-    if dtype in _REDUCED:
+    if dtype in _REDUCED and fp32_products_active():
         x, weight = x.float(), weight.float()
         bias = bias.float() if bias is not None else None
     return _TapConv2d.apply(x, weight, bias, _pair(stride), _pair(padding), groups).to(dtype)
+
+
+def fp32_products_active() -> bool:
+    """Whether a ``TorchFunctionMode`` that declares ``fp32_products = True`` is active (the engine's
+    ``pretrain.engine.cpu_bf16.Fp32Products``: bf16 CPU products run on fp32 operands)."""
+    return any(getattr(mode, 'fp32_products', False) for mode in torch.overrides._get_current_function_mode_stack())
