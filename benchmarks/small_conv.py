@@ -73,7 +73,7 @@ def time_layers(name: str, steps: int, warmup: int) -> list[dict]:
         grad = torch.randn_like(F.conv2d(x, w, b, conv.stride, conv.padding, 1, conv.groups))
         variants = {'onednn': functools.partial(F.conv2d, x, w, b, args[0], args[1], 1, args[2]),
                     'taps': functools.partial(tapconv._TapConv2d.apply, x, w, b, *args)}
-        dense_or_dw = conv.groups == 1 or conv.groups == conv.in_channels == conv.out_channels
+        dense_or_dw = tapconv.dense_or_depthwise(conv.in_channels, w.shape, conv.groups)
         times: dict[str, list[float]] = {k: [] for k in variants}
         for i in range(warmup + steps):
             for key, fn in variants.items():

@@ -124,12 +124,12 @@ def test_non_square_kernels_strides_and_paddings_and_an_input_without_gradient()
 
 def test_the_kernel_is_cut_to_the_taps_that_reach_a_pixel_where_the_cut_is_symmetric():
     weight = torch.randn(8, 1, 7, 7)
-    cut, padding = tapconv._crop(weight, (2, 8, 1, 1), (2, 8, 1, 1), (1, 1), (3, 3))  # 7 x 7 on 1 x 1: its centre
+    cut, padding = tapconv._crop(weight, (1, 1), (1, 1), (1, 1), (3, 3))  # 7 x 7 on 1 x 1: its centre
     assert cut.shape == (8, 1, 1, 1) and padding == (0, 0) and torch.equal(cut, weight[..., 3:4, 3:4])
-    cut, padding = tapconv._crop(weight, (2, 8, 2, 3), (2, 8, 2, 3), (1, 1), (3, 3))
+    cut, padding = tapconv._crop(weight, (2, 3), (2, 3), (1, 1), (3, 3))
     assert cut.shape == (8, 1, 3, 5) and padding == (1, 2)
     w3 = torch.randn(16, 8, 3, 3)  # stride 2 onto 1 x 1 from 2 x 2: taps 1-2 reach, not symmetric: no cut
-    cut, padding = tapconv._crop(w3, (2, 8, 2, 2), (2, 16, 1, 1), (2, 2), (1, 1))
+    cut, padding = tapconv._crop(w3, (2, 2), (1, 1), (2, 2), (1, 1))
     assert cut is w3 and padding == (1, 1)
 
 

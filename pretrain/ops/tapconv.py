@@ -25,8 +25,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ENABLED', 'MAX_TAPS', 'MAX_TAP_OUTPUT_PIXELS', 'conv2d', 'fp32_products_active', 'use_taps',
-           'weight_grad_by_taps']
+__all__ = ['ENABLED', 'MAX_TAPS', 'MAX_TAP_OUTPUT_PIXELS', 'conv2d', 'dense_or_depthwise', 'fp32_products_active',
+           'use_taps', 'weight_grad_by_taps']
 
 ENABLED = os.environ.get('PRETRAIN_TAP_WEIGHT_GRAD', '1') != '0'
 # The rule, measured with benchmarks/small_conv.py (docs/PERFORMANCE.md): taps when the input map is smaller than the
@@ -61,8 +61,7 @@ def use_taps(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, g
         return False
     if isinstance(padding, str) or _pair(dilation) != (1, 1) or weight.shape[-2] * weight.shape[-1] > MAX_TAPS:
         return False
-    channels = x.shape[1]
-    if not (groups == 1 or (groups == channels and weight.shape[0] == channels and weight.shape[1] == 1)):
+    if not dense_or_depthwise(x.shape[1], weight.shape, groups):
         return False
     (kh, kw), (sh, sw), (ph, pw) = weight.shape[-2:], _pair(stride), _pair(padding)
     height, width = x.shape[-2:]
@@ -76,7 +75,7 @@ def weight_grad_by_taps(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: t
     (shape ``weight_shape``), given the output gradient ``grad_out``; ``groups`` is 1 or the channel count."""
     o, _, kh, kw = weight_shape
     n, c, height, width = x.shape
-    if not (groups == 1 or (groups == c == o and weight_shape[1] == 1)):
+    if not dense_or_depthwise(c, weight_shape, groups):
         raise ValueError(f'weight_grad_by_taps: dense (groups=1) or depth-wise (groups = channels = {c}, one filter '
                          f'each) only, got groups={groups} and weight {tuple(weight_shape)}')
     ho, wo = grad_out.shape[-2:]
@@ -86,12 +85,8 @@ def weight_grad_by_taps(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: t
     depthwise = groups > 1
     g2 = None if depthwise else g.reshape(-1, o)
     out = x.new_zeros(weight_shape)
-    for i in range(kh):
-        if not _reachable(i, sh, ph, height, ho):
-            continue
-        for j in range(kw):
-            if not _reachable(j, sw, pw, width, wo):
-                continue
+    for i in _reachable_taps(kh, sh, ph, height, ho):
+        for j in _reachable_taps(kw, sw, pw, width, wo):
             window = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]  # (N, Ho, Wo, C)
             if depthwise:
                 out[:, 0, i, j] = (g * window).sum((0, 1, 2))
@@ -100,20 +95,25 @@ def weight_grad_by_taps(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: t
     return out
 
 
-def _reachable(tap: int, stride: int, pad: int, size: int, out_size: int) -> bool:
-    """Whether some output position reads a real pixel (not padding) through kernel tap ``tap`` of one axis."""
-    return any(0 <= tap + stride * r - pad < size for r in range(out_size))
+def dense_or_depthwise(channels: int, weight_shape, groups: int) -> bool:
+    """Whether a convolution of ``channels`` input channels with a ``weight_shape`` weight in ``groups`` groups is
+    dense (``groups == 1``) or depth-wise (one filter per channel): the two kinds the taps compute."""
+    return groups == 1 or (groups == channels == weight_shape[0] and weight_shape[1] == 1)
 
 
-def _crop(weight: torch.Tensor, x_shape, out_shape, stride, padding) -> tuple[torch.Tensor, tuple[int, int]]:
+def _reachable_taps(kernel: int, stride: int, pad: int, size: int, out_size: int) -> list[int]:
+    """The kernel taps of one axis through which some output position reads a real pixel (not padding)."""
+    return [tap for tap in range(kernel) if any(0 <= tap + stride * r - pad < size for r in range(out_size))]
+
+
+def _crop(weight: torch.Tensor, in_size, out_size, stride, padding) -> tuple[torch.Tensor, tuple[int, int]]:
     """``weight`` cut to the taps that reach a real pixel, with the padding that keeps every output position, when
     that cut is symmetric (stride 1, 'same' padding: a 7 x 7 kernel on a 1 x 1 map is its centre tap); else
     ``weight`` and ``padding``. The convolution is the same (the cut taps only ever multiply zeros)."""
     cut = []
     for axis in (0, 1):
         k = weight.shape[2 + axis]
-        taps = [i for i in range(k) if _reachable(i, stride[axis], padding[axis], x_shape[2 + axis],
-                                                  out_shape[2 + axis])]
+        taps = _reachable_taps(k, stride[axis], padding[axis], in_size[axis], out_size[axis])
         first = taps[0] if taps else 0
         if not taps or taps[-1] != k - 1 - first or first > padding[axis]:
             return weight, padding
@@ -129,10 +129,9 @@ class _TapConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, groups):
-        n, _, height, width = x.shape
-        out_shape = (n, weight.shape[0], _output_size(height, weight.shape[2], stride[0], padding[0]),
-                     _output_size(width, weight.shape[3], stride[1], padding[1]))
-        cut, cut_padding = _crop(weight, x.shape, out_shape, stride, padding)
+        in_size = x.shape[-2:]
+        out_size = [_output_size(in_size[a], weight.shape[2 + a], stride[a], padding[a]) for a in (0, 1)]
+        cut, cut_padding = _crop(weight, in_size, out_size, stride, padding)
         ctx.save_for_backward(x, cut)
         ctx.conf = (stride, padding, cut_padding, groups, bias is not None, weight.shape)
         return F.conv2d(x, cut, bias, stride, cut_padding, 1, groups)
